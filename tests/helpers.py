@@ -1,0 +1,53 @@
+"""Shared test helpers (importable as ``helpers`` from any test module)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from disagg.cli import default_cache_dir
+from disagg.models.embedded import prepare_embedded
+from disagg.models.llama import LlamaForCausalLM
+from disagg.models.loader import ModelSource, load_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def embedded_model_dir() -> Path:
+    """The converted embedded model (``make test`` prepares it before pytest starts)."""
+    return prepare_embedded(default_cache_dir())
+
+
+def save_as_hf_dir(model: LlamaForCausalLM, hf_config: dict, path: Path) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint directory transformers can load."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config))
+    return path
+
+
+def random_model(name: str, seed: int = 0) -> tuple[LlamaForCausalLM, ModelSource]:
+    source = ModelSource(name=f"random:{name}", random_config=name, seed=seed)
+    return load_model(source), source
+
+
+def rel_err_max(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref| (DESIGN.md §7: logits within 1e-4 of max |logit|)."""
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+def greedy_prefix_length(scores: torch.Tensor, margin: float = 1e-3) -> int:
+    """Steps before the reference's top-2 logit margin first falls below ``margin``.
+
+    ``scores [steps, V]``. Up to that step, greedy ids of two correct implementations must be
+    identical; after it, fp32 rounding may legitimately pick the other token.
+    """
+    top2 = scores.topk(2, dim=-1).values
+    low = ((top2[:, 0] - top2[:, 1]) < margin).nonzero()
+    return int(low[0]) if len(low) else scores.shape[0]
