@@ -29,3 +29,15 @@ class UnknownModelError(DisaggError, LookupError):
 
 class ModelPreparationError(DisaggError, RuntimeError):
     """The embedded model could not be located or converted."""
+
+
+class PoolCapacityError(InvalidRequestError):
+    """The request (prompt + max_tokens) can never fit the decode KV pool."""
+
+
+class KVMismatchError(DisaggError):
+    """Received KV was produced for another model, dtype, layout or prompt."""
+
+
+class KVTransferError(DisaggError):
+    """A KV pull failed, expired or was aborted."""

@@ -1,10 +1,12 @@
-"""Validation shared by every entry point: prompt token ids against the model's limits."""
+"""Requests as the engines see them, and the validation every entry point shares."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from disagg.errors import ContextLengthError, InvalidRequestError
+from disagg.sampling import RequestSeed, SamplingParams
 
 
 def validate_prompt(prompt_ids: Sequence[int], *, vocab_size: int) -> None:
@@ -35,3 +37,30 @@ def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, *, contex
             param="max_tokens",
         )
     return max_tokens
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A validated request as the engines see it: ids, resolved limits, resolved seed.
+
+    Built once at the edge (CLI, ingress) with ``EngineRequest.create``; the prefill and decode
+    sides receive the same object, so both sample with the same seed and limits.
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    max_tokens: int  # resolved by the length rule
+    seed: int  # resolved: the user's or one drawn at creation
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @classmethod
+    def create(cls, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+               *, vocab_size: int, context: int) -> EngineRequest:
+        validate_prompt(prompt_token_ids, vocab_size=vocab_size)
+        max_tokens = resolve_max_tokens(len(prompt_token_ids), params.max_tokens, context=context)
+        return cls(request_id, tuple(prompt_token_ids), params, max_tokens,
+                   RequestSeed.of(params).value)

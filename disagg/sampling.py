@@ -85,3 +85,27 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seed: int, step: 
     target = keyed_uniform(seed, step) * float(cdf[-1])
     index = min(int(torch.searchsorted(cdf, target, right=True)), len(ids) - 1)
     return int(ids[index])
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """A generated token with its log-probability and the top alternatives, when asked for.
+
+    Log-probabilities are of the model's raw distribution (log-softmax of the logits, before
+    temperature and filtering), as vLLM and OpenAI report them.
+    """
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seed: int, step: int) -> SampledToken:
+    """``sample_token`` plus the log-probabilities ``params.logprobs`` asks for."""
+    token_id = sample_token(logits, params, seed, step)
+    if params.logprobs is None:
+        return SampledToken(token_id)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = logprobs.topk(params.logprobs) if params.logprobs else None
+    alternatives = () if top is None else tuple(zip(top.indices.tolist(), top.values.tolist()))
+    return SampledToken(token_id, float(logprobs[token_id]), alternatives)

@@ -1,0 +1,1 @@
+"""KV cache: the layout both sides share, the decode block pool, and the paged cache."""
