@@ -2,7 +2,8 @@
 
 Life of a request here:
 1. ``generate`` validates the prompt and resolves max_tokens (length rule).
-2. Prefill: one forward over the prompt fills the cache; the last row's logits give token 0.
+2. Prefill: one forward over the prompt fills the cache (dense, or TriangleMix when
+   configured); the last row's logits give token 0.
 3. Decode: one forward per token at position N + k, until EOS, a stop id or max_tokens.
 The batched, paged decode engine serves many requests; this one keeps the CLI simple.
 """
@@ -16,6 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from disagg.attention.contiguous import ContiguousAttention, ContiguousKVCache
+from disagg.attention.prefill import PrefillAttention
+from disagg.attention.triangle import TriangleMixConfig
+from disagg.kv.layout import PackedKV
 from disagg.models.llama import LlamaForCausalLM
 from disagg.request import resolve_max_tokens, validate_prompt
 from disagg.sampling import RequestSeed, SamplingParams, sample_token
@@ -44,8 +48,9 @@ class GenerationStats:
 class SimpleGenerator:
     """Generates for one request at a time on one device."""
 
-    def __init__(self, model: LlamaForCausalLM):
+    def __init__(self, model: LlamaForCausalLM, trianglemix: TriangleMixConfig | None = None):
         self.model = model
+        self.trianglemix = trianglemix
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -90,7 +95,12 @@ class SimpleGenerator:
             tokens = torch.tensor([token], dtype=torch.long, device=self.device)
 
     def _forward(self, tokens: torch.Tensor, start: int, cache: ContiguousKVCache) -> torch.Tensor:
-        positions = torch.arange(start, start + tokens.shape[0], device=self.device)
-        metadata = ContiguousAttention(cache=cache, start=start, scale=self.model.scale)
+        num_tokens = tokens.shape[0]
+        positions = torch.arange(start, start + num_tokens, device=self.device)
+        if start == 0:  # the prompt: written into views of the cache
+            kv = PackedKV(k=[k[:num_tokens] for k in cache.k], v=[v[:num_tokens] for v in cache.v])
+            metadata = PrefillAttention(kv=kv, scale=self.model.scale, trianglemix=self.trianglemix)
+        else:
+            metadata = ContiguousAttention(cache=cache, start=start, scale=self.model.scale)
         hidden = self.model(tokens, positions, metadata)
         return self.model.compute_logits(hidden[-1:])[0]

@@ -1,0 +1,1 @@
+"""Thin Ray Serve adapters around the engines: config, ingress, servers, ``build_app``."""

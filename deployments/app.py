@@ -1,0 +1,51 @@
+"""``build_app(config)``: the whole Serve application in one function.
+
+```
+client ──HTTP/SSE──► OpenAIIngress      auth, strict validation, tokenize, route, stream
+                         │  prompt < local_prefill_max_tokens ?
+                         ▼
+                    DecodeServer ×N      local: prefill itself (dense), decode
+                         │  long prompt: reserve blocks, then call ──► PrefillServer ×M
+                         │                                              TriangleMix prefill
+                         │  ◄── token 0 + KV handle ─────────────────── KV leased in the
+                         │  pull KV (Ray object store), decode            Ray object store
+                         ▼
+                    tokens stream back through the ingress
+```
+``serve run deployments/prefill_decode.yaml`` calls ``app_builder`` with the YAML's ``args``.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from deployments.config import AppConfig, ReplicaSettings
+from deployments.decode_server import DecodeServer
+from deployments.ingress import OpenAIIngress
+from deployments.prefill_server import PrefillServer
+from deployments.runtime import resolve_source
+
+
+def _options(settings: ReplicaSettings, config: AppConfig) -> dict:
+    return {
+        "num_replicas": settings.num_replicas,
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "health_check_period_s": config.health_check_period_s,
+        "max_ongoing_requests": 256,
+    }
+
+
+def build_app(config: AppConfig) -> Application:
+    """The Serve application for ``config`` (the graph above)."""
+    # Prepare the model here, once, before any replica starts: no conversion race.
+    source = resolve_source(config)
+    if config.cache_dir is None and source.path is not None:
+        config = config.model_copy(update={"cache_dir": source.path.parent})
+    prefill = PrefillServer.options(**_options(config.prefill, config)).bind(config)
+    decode = DecodeServer.options(**_options(config.decode, config)).bind(config, prefill)
+    return OpenAIIngress.options(**_options(config.ingress, config)).bind(config, decode)
+
+
+def app_builder(args: dict) -> Application:
+    """Entry point of the Serve config files (``import_path: deployments.app:app_builder``)."""
+    return build_app(AppConfig.model_validate(args or {}))

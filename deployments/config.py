@@ -1,0 +1,87 @@
+"""The application config: pydantic at the edge (YAML ``args`` of a Serve config file).
+
+Every field has a default and a description; cross-field rules are validated on construction.
+The engines receive frozen dataclasses built from it (``PrefillConfig``, ``DecodeConfig``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from disagg.models.embedded import EMBEDDED_MODEL
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class TriangleMixSettings(BaseModel):
+    model_config = _FROZEN
+    enabled: bool = Field(False, description="run TriangleMix attention in prefill")
+    triangle_layers: list[int] | None = Field(
+        None, description="Triangle layers; default: the model's published split")
+    n_sink: int = Field(8, ge=0, description="leading keys every row sees")
+    n_window: int = Field(512, ge=1, description="sliding window, diagonal included")
+    n_last: int = Field(128, ge=0, description="trailing rows that attend densely")
+
+
+class ReplicaSettings(BaseModel):
+    model_config = _FROZEN
+    num_replicas: int = Field(1, ge=1, description="replicas of this deployment")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (fractional ok)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 = run on CPU)")
+
+
+class PrefillSettings(ReplicaSettings):
+    lease_s: float = Field(60.0, gt=0, description="seconds published KV waits to be pulled")
+    max_leased_gib: float = Field(4.0, gt=0, description="refuse prompts while un-pulled KV "
+                                                         "exceeds this (GiB)")
+
+
+class DecodeSettings(ReplicaSettings):
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV pool size per replica (GiB)")
+    max_num_seqs: int = Field(64, ge=1, description="most sequences decoded together")
+    kv_pull_timeout_s: float = Field(60.0, gt=0, description="deadline of one KV pull")
+
+
+class IngressSettings(ReplicaSettings):
+    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per ingress replica")
+    api_key: str | None = Field(None, description="required Bearer token; None = open")
+    max_body_bytes: int | None = Field(
+        None, ge=1024, description="request body limit; default admits a max-context prompt "
+                                   "as token ids")
+
+
+class AppConfig(BaseModel):
+    """Everything ``build_app`` needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model: str = Field(EMBEDDED_MODEL, description="embedded name, random:<config> or a "
+                                                   "local HF directory")
+    served_model_name: str | None = Field(None, description="name clients use; default: model")
+    cache_dir: Path | None = Field(None, description="model cache; default DISAGG_CACHE_DIR "
+                                                     "or ~/.cache/disagg")
+    dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on GPU), float32, "
+                                           "bfloat16, float16")
+    seed: int = Field(0, description="seed of random-weight models")
+    local_prefill_max_tokens: int = Field(
+        512, ge=0, description="prompts shorter than this are prefilled by decode itself")
+    trianglemix: TriangleMixSettings = TriangleMixSettings()
+    prefill: PrefillSettings = PrefillSettings()
+    decode: DecodeSettings = DecodeSettings()
+    ingress: IngressSettings = IngressSettings()
+    health_check_period_s: float = Field(5.0, gt=0, description="Serve health-check period")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype}")
+        if (self.prefill.num_gpus == 0) != (self.decode.num_gpus == 0):
+            raise ValueError("prefill and decode must both run on GPU or both on CPU "
+                             "(KV moves between them in one dtype)")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model

@@ -1,0 +1,223 @@
+"""OpenAIIngress: the HTTP front door (FastAPI inside Serve) and the first-version router.
+
+Life of a request here:
+1. RECEIVED: auth (401), body size (413), JSON and strict schema (400), model name (404).
+2. Tokenize off the event loop (chat template for chat), validate ids and the length rule.
+3. ROUTED: prompts shorter than ``local_prefill_max_tokens`` go to decode alone ("local");
+   longer ones to decode, which reserves blocks and calls prefill ("disaggregated"). The
+   response carries ``x-disagg-path``.
+4. The first stream item decides the status: an error before any token is a proper HTTP
+   error (400/503...); otherwise the response streams (SSE ending ``data: [DONE]``) or is
+   returned whole. Stop strings and detokenization run here (``OutputProcessor``), for the
+   prefill-sampled token 0 as for the rest; a stop string cancels the decode stream, which
+   aborts the request there. A client that disconnects cancels it the same way.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import AppConfig
+from deployments.decode_server import DISAGGREGATED, LOCAL
+from deployments.messages import StreamItem
+from deployments.metrics import Metrics
+from deployments.runtime import load_replica_model
+from disagg.errors import DisaggError, InvalidRequestError
+from disagg.openai.errors import APIError, from_exception, invalid_request
+from disagg.openai.protocol import ChatCompletionRequest, CompletionRequest
+from disagg.openai.responses import SSE_DONE, ResponseBuilder, sse
+from disagg.output import OutputProcessor
+from disagg.request import EngineRequest
+
+app = FastAPI(title="disagg", docs_url=None, redoc_url=None)
+PATH_HEADER = "x-disagg-path"
+_TOKEN_ID_BYTES = 8  # generous bytes per token id in a JSON list ("123456, ")
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # One status for every invalid request: FastAPI's 422 becomes our 400.
+    return error_response(invalid_request(f"invalid request: {error.errors()[0]['msg']}"))
+
+
+class _Reject(Exception):
+    def __init__(self, error: APIError):
+        self.error = error
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body exceeds {limit} bytes", "invalid_request_error", None,
+                    "request_too_large")
+
+
+@serve.deployment
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, config: AppConfig, decode: DeploymentHandle):
+        loaded = load_replica_model(config, num_cpus=config.ingress.num_cpus, num_gpus=0,
+                                    with_weights=False)
+        self._config = config
+        self._decode = decode
+        self._tokenizer = loaded.tokenizer
+        self._model_config = loaded.config
+        self._context = loaded.config.max_context_tokens
+        self._max_body_bytes = config.ingress.max_body_bytes or (
+            self._context * _TOKEN_ID_BYTES + (1 << 20))
+        self._metrics = Metrics()
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        if (error := self._check_auth(request)) is not None:
+            return error_response(error)
+        return JSONResponse({"object": "list", "data": [{
+            "id": self._config.model_name, "object": "model", "created": 0,
+            "owned_by": "disagg", "max_model_len": self._context}]})
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, CompletionRequest, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, ChatCompletionRequest, chat=True)
+
+    def _check_auth(self, request: Request) -> APIError | None:
+        key = self._config.ingress.api_key
+        if key is None or request.headers.get("authorization") == f"Bearer {key}":
+            return None
+        return APIError(401, "missing or invalid API key", "invalid_request_error", None,
+                        "invalid_api_key")
+
+    async def _parse(self, request: Request, schema: type[BaseModel]):
+        if (error := self._check_auth(request)) is not None:
+            raise _Reject(error)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_body_bytes:
+            raise _Reject(_too_large(self._max_body_bytes))
+        raw = await request.body()
+        if len(raw) > self._max_body_bytes:
+            raise _Reject(_too_large(self._max_body_bytes))
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _Reject(invalid_request(f"malformed JSON body: {e}")) from e
+        if not isinstance(data, dict):
+            raise _Reject(invalid_request("the body must be a JSON object"))
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as e:
+            raise _Reject(from_exception(e)) from e
+        if body.model != self._config.model_name:
+            raise _Reject(APIError(404, f"model {body.model!r} does not exist; this server "
+                                        f"serves {self._config.model_name!r}",
+                                   "invalid_request_error", "model", "model_not_found"))
+        return body
+
+    def _prompt_ids(self, body) -> list[int]:
+        """Runs in a worker thread: long prompts must not block the event loop."""
+        if isinstance(body, ChatCompletionRequest):
+            if self._tokenizer is None:
+                raise InvalidRequestError(f"model {self._config.model_name!r} has no tokenizer "
+                                          "or chat template: use /v1/completions with token ids",
+                                          param="messages")
+            text = self._tokenizer.apply_chat_template(
+                body.template_messages(), add_generation_prompt=True, tokenize=False)
+            return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        if isinstance(body.prompt, str):
+            if self._tokenizer is None:
+                raise InvalidRequestError(f"model {self._config.model_name!r} has random weights "
+                                          "and no tokenizer: send the prompt as token ids",
+                                          param="prompt")
+            return self._tokenizer(body.prompt)["input_ids"]
+        return list(body.prompt)
+
+    async def _serve(self, http_request: Request, schema, *, chat: bool):
+        t_start = time.perf_counter()
+        try:
+            body = await self._parse(http_request, schema)
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
+            params = body.sampling_params()
+            request = EngineRequest.create(
+                uuid.uuid4().hex, prompt_ids, params,
+                vocab_size=self._model_config.vocab_size, context=self._context)
+            processor = OutputProcessor(self._tokenizer, params)
+        except _Reject as r:
+            return error_response(r.error)
+        except (DisaggError, ValidationError) as e:
+            return error_response(from_exception(e))
+        path = LOCAL if request.num_prompt_tokens < self._config.local_prefill_max_tokens \
+            else DISAGGREGATED
+        stream = self._decode.options(stream=True).generate.remote(request, path)
+        first = await stream.__anext__()
+        if first.error is not None:
+            stream.cancel()
+            self._metrics.requests.inc(tags={"path": path, "status": str(first.error.status)})
+            return error_response(first.error)
+        builder = ResponseBuilder(chat=chat, model=self._config.model_name,
+                                  num_prompt_tokens=request.num_prompt_tokens,
+                                  tokenizer=self._tokenizer,
+                                  want_logprobs=params.logprobs is not None)
+        items = self._items(first, stream, processor, path, t_start)
+        headers = {PATH_HEADER: path}
+        if body.stream:
+            return StreamingResponse(self._sse(items, builder, body.include_usage),
+                                     media_type="text/event-stream", headers=headers)
+        async for _, error in items:
+            if error is not None:
+                return error_response(error)
+        return JSONResponse(builder.whole(processor.text, processor.logprobs,
+                                          processor.finish_reason), headers=headers)
+
+    async def _items(self, first: StreamItem, stream, processor: OutputProcessor, path: str,
+                     t_start: float) -> AsyncIterator[tuple]:
+        """(delta, error) pairs of the request; cancels the decode stream on an early exit."""
+        item, status, t_first = first, "200", None
+        try:
+            while True:
+                if item.error is not None:
+                    status = str(item.error.status)
+                delta = processor.push(item.token, item.finish_reason if item.finished else None)
+                if item.token is not None and t_first is None:
+                    t_first = time.perf_counter()
+                    self._metrics.ttft.observe(t_first - t_start)
+                yield delta, item.error
+                if processor.finished:
+                    return
+                item = await stream.__anext__()
+        finally:
+            if not item.finished:  # a stop string, a disconnect: abort on the decode side
+                stream.cancel()
+            n = len(processor.token_ids)
+            if t_first is not None and n > 1:
+                self._metrics.tpot.observe((time.perf_counter() - t_first) / (n - 1))
+            self._metrics.requests.inc(tags={"path": path, "status": status})
+
+    async def _sse(self, items: AsyncIterator[tuple], builder: ResponseBuilder,
+                   include_usage: bool):
+        async for delta, error in items:
+            if error is not None:  # failed mid-stream: the status line is long gone
+                yield sse(error.body())
+                break
+            chunk = builder.chunk(delta)
+            if chunk is not None:
+                yield sse(chunk)
+        if include_usage:
+            yield sse(builder.usage_chunk())
+        yield SSE_DONE

@@ -1,0 +1,60 @@
+"""What every replica does at start: size its threads, load its model, pick device and dtype."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from deployments.config import AppConfig
+from disagg.attention.triangle import TriangleMixConfig, published_trianglemix
+from disagg.cli import default_cache_dir
+from disagg.models.config import ModelConfig
+from disagg.models.llama import LlamaForCausalLM
+from disagg.models.loader import ModelSource, load_model, load_tokenizer, resolve_model
+from disagg_kernels.triangle_mix import TriangleParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ReplicaModel:
+    source: ModelSource
+    config: ModelConfig
+    model: LlamaForCausalLM | None
+    tokenizer: object | None
+
+
+def resolve_source(config: AppConfig) -> ModelSource:
+    return resolve_model(config.model, cache_dir=config.cache_dir or default_cache_dir(),
+                         seed=config.seed)
+
+
+def load_replica_model(config: AppConfig, *, num_cpus: float, num_gpus: float,
+                       with_weights: bool = True) -> ReplicaModel:
+    """Load the model for a replica reserving ``num_cpus`` / ``num_gpus``."""
+    torch.set_num_threads(max(1, math.ceil(num_cpus)))
+    source = resolve_source(config)
+    model = None
+    if with_weights:
+        device = torch.device("cuda" if num_gpus > 0 else "cpu")
+        if config.dtype == "auto":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        else:
+            dtype = _DTYPES[config.dtype]
+        model = load_model(source, device=device, dtype=dtype)
+    return ReplicaModel(source, source.model_config(), model, load_tokenizer(source))
+
+
+def trianglemix_config(config: AppConfig, model_config: ModelConfig) -> TriangleMixConfig | None:
+    settings = config.trianglemix
+    if not settings.enabled:
+        return None
+    params = TriangleParams(settings.n_sink, settings.n_window, settings.n_last)
+    if settings.triangle_layers is not None:
+        tm = TriangleMixConfig(tuple(settings.triangle_layers), params)
+    else:
+        tm = published_trianglemix(config.model, params)
+    tm.validate_for(model_config.num_layers)
+    return tm

@@ -1,0 +1,1 @@
+"""The prefill side: TriangleMix prefill of whole prompts, KV published under leases."""
