@@ -1,0 +1,68 @@
+"""Tile configurations of the Triangle kernel: the one place where tiles are chosen.
+
+GPU entries were picked by measurement on one H200 (``benchmarks/kernels/triangle_attention.py
+--sweep``; see benchmarks/RESULTS.md). The interpreter entry is small so that CPU tests with
+scaled-down masks really skip tiles and really split the last rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape of ``_triangle_fwd``."""
+
+    block_m: int  # query rows per program: (token, head-in-group) pairs, power of two
+    block_n: int  # keys per window/split tile
+    block_s: int  # keys per sink tile (sinks are few: a narrow tile wastes less)
+    num_warps: int
+    num_stages: int
+    max_splits: int  # at most this many key slices per dense last-row tile
+    min_split_keys: int  # ...each at least this many keys (fewer, longer programs otherwise)
+    loop: int = 0  # 0: three loops (edge/interior/edge); 1: one loop, mask all; 2: one loop,
+    #                mask edge tiles only (see kernel.py)
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_s"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.min_split_keys % self.block_n:
+            raise ValueError("min_split_keys must be a multiple of block_n")
+        if self.loop not in (0, 1, 2):
+            raise ValueError(f"loop must be 0, 1 or 2, got {self.loop}")
+
+
+INTERPRETER = TileConfig(
+    block_m=64, block_n=32, block_s=16, num_warps=4, num_stages=1, max_splits=4, min_split_keys=64
+)
+
+# (head_dim) -> config for bf16/fp16 on sm_90. Measured on one H200 (32/8 heads, head dim 128,
+# 32K and 128K): one loop with edge-only masking beat three loops by 7% (4.23 vs 4.56 ms at
+# 128K); 3 stages ~ 4; 128x128 tiles 17% and 128x32 11% slower than 128x64 (three loops,
+# 128K); 4 key splits of 32K keys for the last rows ~ 8 of 16K, both ahead of 2 of 64K.
+# Head dim 64 reuses the choice (not swept).
+_HOPPER: dict[int, TileConfig] = {
+    64: TileConfig(128, 64, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=32768,
+                   loop=2),
+    128: TileConfig(128, 64, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=32768,
+                    loop=2),
+}
+_FALLBACK = TileConfig(64, 32, 16, num_warps=4, num_stages=2, max_splits=32, min_split_keys=4096)
+
+
+def pick_config(device: torch.device, head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
+    """Tile configuration for one launch; ``block_m`` grows to hold at least one query group."""
+    if device.type != "cuda":
+        cfg = INTERPRETER
+    elif dtype == torch.float32:
+        cfg = _FALLBACK  # fp32 is a test/debug path: smaller tiles fit the registers
+    else:
+        cfg = _HOPPER.get(head_dim, _FALLBACK)
+    if cfg.block_m < group:
+        cfg = replace(cfg, block_m=1 << (group - 1).bit_length())
+    return cfg
