@@ -1,4 +1,4 @@
-# The two commands: `make generate` (set up, prepare the embedded model, run the CLI) and
+# The two commands: `make serve` (set up, prepare the embedded model, serve it over HTTP) and
 # `make test` (set up, prepare the embedded model, run the CPU test suite).
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ TORCH_CONSTRAINTS ?= constraints/cpu.txt
 PROMPT ?= The three primary colors are
 MAX_TOKENS ?= 64
 
-.PHONY: setup model generate test lint clean
+.PHONY: setup model serve generate test lint clean
 
 $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ setup: $(VENV)/.installed
 
 model: setup
 	$(PY) -m disagg prepare-model
+
+serve: model
+	$(VENV)/bin/serve run deployments/prefill_decode.yaml
 
 generate: model
 	$(PY) -m disagg generate --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)

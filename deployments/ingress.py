@@ -182,7 +182,7 @@ class OpenAIIngress:
         async for _, error in items:
             if error is not None:
                 return error_response(error)
-        return JSONResponse(builder.whole(processor.text, processor.logprobs,
+        return JSONResponse(builder.whole(processor.text, len(processor.token_ids), processor.logprobs,
                                           processor.finish_reason), headers=headers)
 
     async def _items(self, first: StreamItem, stream, processor: OutputProcessor, path: str,

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--disaggregated", action="store_true",
+                     help="prefill engine -> KV hand-off -> decode engine (in one process)")
+    gen.add_argument("--trianglemix", action="store_true",
+                     help="TriangleMix prefill with the model's published or default split")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 

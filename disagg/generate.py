@@ -57,16 +57,20 @@ class SimpleGenerator:
 
     @torch.inference_mode()
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None
+        self, prompt_ids: Sequence[int], params: SamplingParams,
+        stats: GenerationStats | None = None, seed: int | None = None,
     ) -> Iterator[int]:
-        """Yield generated token ids (EOS included when it ends the sequence)."""
+        """Yield generated token ids (EOS included when it ends the sequence).
+
+        ``seed`` overrides the request seed (an ``EngineRequest``'s resolved one, so that
+        this path draws what the engines draw)."""
         validate_prompt(prompt_ids, vocab_size=self.config.vocab_size)
         max_tokens = resolve_max_tokens(
             len(prompt_ids), params.max_tokens, context=self.config.max_context_tokens
         )
         stats = stats if stats is not None else GenerationStats()
         stats.num_prompt_tokens = len(prompt_ids)
-        seed = RequestSeed.of(params).value
+        seed = RequestSeed.of(params).value if seed is None else seed
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.config.eos_token_ids)

@@ -1,4 +1,9 @@
-"""The ``generate`` command: resolve, validate, load, stream."""
+"""The ``generate`` command: resolve, validate, load, stream.
+
+Colocated (default): ``SimpleGenerator``. ``--disaggregated``: ``PrefillEngine`` -> in-process
+KV hand-off -> ``DecodeEngine``. Both stream through the same ``OutputProcessor`` (stop
+strings, UTF-8-safe detokenization).
+"""
 
 from __future__ import annotations
 
@@ -10,31 +15,64 @@ from pathlib import Path
 
 import torch
 
+from disagg.attention.triangle import TriangleMixConfig, published_trianglemix
 from disagg.cli import check_text_prompt
-from disagg.detokenize import IncrementalDetokenizer
+from disagg.decode.config import DecodeConfig
+from disagg.decode.engine import DecodeEngine
+from disagg.errors import InvalidRequestError
 from disagg.generate import GenerationStats, SimpleGenerator
+from disagg.models.llama import LlamaForCausalLM
 from disagg.models.loader import load_model, load_tokenizer, resolve_model
-from disagg.request import resolve_max_tokens, validate_prompt
-from disagg.sampling import SamplingParams
+from disagg.output import OutputProcessor
+from disagg.pd import InProcessDisaggregated
+from disagg.prefill.engine import PrefillEngine
+from disagg.request import EngineRequest
+from disagg.sampling import SampledToken, SamplingParams
+from disagg.transport.inprocess import InProcessKVReceiver, InProcessKVSender
+
+
+def _trianglemix(args: argparse.Namespace, source) -> TriangleMixConfig | None:
+    if not args.trianglemix:
+        return None
+    architecture = source.random_config or source.name
+    try:
+        return published_trianglemix(architecture)
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from e
+
+
+def _token_stream(args, model: LlamaForCausalLM, name: str, request: EngineRequest,
+                  trianglemix: TriangleMixConfig | None, stats: GenerationStats):
+    if not args.disaggregated:
+        generator = SimpleGenerator(model, trianglemix=trianglemix)
+        return (SampledToken(t) for t in generator.generate(
+            request.prompt_token_ids, request.params, stats, seed=request.seed))
+    sender = InProcessKVSender()
+    prefill = PrefillEngine(model, model_name=name, trianglemix=trianglemix, sender=sender)
+    decode = DecodeEngine(model, DecodeConfig(), model_name=name,
+                          receiver=InProcessKVReceiver(sender))
+    return InProcessDisaggregated(prefill, decode, model.config.eos_token_ids).generate(request)
 
 
 def run_generate(args: argparse.Namespace, cache_dir: Path) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
+        top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop),
     )
     t0 = time.perf_counter()
     source = resolve_model(args.model, cache_dir=cache_dir)
     check_text_prompt(args.prompt, source.has_tokenizer, args.model)
     config = source.model_config()
+    trianglemix = _trianglemix(args, source)
     tokenizer = load_tokenizer(source)
     if args.prompt is not None:
         prompt_ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
     else:
         prompt_ids = args.prompt_token_ids
     # Validate before loading weights: a bad request costs nothing.
-    validate_prompt(prompt_ids, vocab_size=config.vocab_size)
-    resolve_max_tokens(len(prompt_ids), params.max_tokens, context=config.max_context_tokens)
+    request = EngineRequest.create("cli", prompt_ids, params, vocab_size=config.vocab_size,
+                                   context=config.max_context_tokens)
+    processor = OutputProcessor(tokenizer, params)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -42,26 +80,36 @@ def run_generate(args: argparse.Namespace, cache_dir: Path) -> int:
     load_s = time.perf_counter() - t0
 
     stats = GenerationStats()
-    detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
-    generated: list[int] = []
-    text_parts: list[str] = []
-    for token in SimpleGenerator(model).generate(prompt_ids, params, stats):
-        generated.append(token)
-        delta = detok.push(token) if detok is not None else ""
-        text_parts.append(delta)
-        if not args.json and delta:
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-    text = "".join(text_parts)
+    t_gen = time.perf_counter()
+    tokens = _token_stream(args, model, args.model, request, trianglemix, stats)
+    try:
+        for token in tokens:
+            n = len(processor.token_ids) + 1
+            reason = "length" if n >= request.max_tokens else None
+            delta = processor.push(token, reason)
+            if not args.json and delta.text:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            if processor.finished:
+                break
+        else:
+            delta = processor.push(None, "stop")
+            if not args.json:
+                sys.stdout.write(delta.text)
+    finally:
+        tokens.close()
+    elapsed = time.perf_counter() - t_gen
     if args.json:
         print(json.dumps({"model": args.model, "prompt_token_ids": list(prompt_ids),
-                          "token_ids": generated, "text": text if detok else None}))
+                          "token_ids": processor.token_ids,
+                          "text": processor.text if tokenizer is not None else None,
+                          "finish_reason": processor.finish_reason}))
     else:
         sys.stdout.write("\n")
-    print(
-        f"[{args.model} on {device}] load {load_s:.2f} s | prefill {stats.num_prompt_tokens} "
-        f"tokens in {stats.prefill_s:.3f} s ({stats.prefill_tokens_per_s:.1f} tok/s) | decode "
-        f"{stats.num_generated_tokens} tokens at {stats.decode_tokens_per_s:.1f} tok/s",
-        file=sys.stderr,
-    )
+    mode = "disaggregated" if args.disaggregated else "colocated"
+    detail = (f"prefill {stats.num_prompt_tokens} tokens in {stats.prefill_s:.3f} s "
+              f"({stats.prefill_tokens_per_s:.1f} tok/s) | decode {stats.num_generated_tokens} "
+              f"tokens at {stats.decode_tokens_per_s:.1f} tok/s") if not args.disaggregated else (
+              f"{len(processor.token_ids)} tokens in {elapsed:.2f} s")
+    print(f"[{args.model} on {device}, {mode}] load {load_s:.2f} s | {detail}", file=sys.stderr)
     return 0

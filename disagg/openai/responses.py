@@ -37,7 +37,7 @@ class ResponseBuilder:
     created: int = field(default_factory=lambda: int(time.time()))
     num_completion_tokens: int = 0
     _text_offset: int = 0
-    _sent_role: bool = False
+    _sent_role: bool = False  # chat: the first chunk carries the role
 
     @property
     def response_id(self) -> str:
@@ -80,7 +80,10 @@ class ResponseBuilder:
     def chunk(self, delta: OutputDelta) -> dict | None:
         """The SSE chunk of one delta (None when it carries nothing to send)."""
         self.num_completion_tokens += len(delta.token_ids)
-        if not delta.text and not delta.finished and not (self.chat and not self._sent_role):
+        # One chunk per generated token (its text may still be held back): clients count
+        # tokens and time them; token-id models have no text at all.
+        first_chat_chunk = self.chat and not self._sent_role
+        if not (delta.text or delta.token_ids or delta.finished or first_chat_chunk):
             return None
         logprobs = self._logprobs(delta.logprobs, delta.text)
         if self.chat:
@@ -103,8 +106,11 @@ class ResponseBuilder:
         return {"id": self.response_id, "object": obj, "created": self.created,
                 "model": self.model, "choices": [], "usage": self.usage()}
 
-    def whole(self, text: str, tokens: list[SampledToken], finish_reason: str | None) -> dict:
+    def whole(self, text: str, num_tokens: int, logprob_tokens: list[SampledToken],
+              finish_reason: str | None) -> dict:
         """The non-streamed response."""
+        self.num_completion_tokens = num_tokens
+        tokens = logprob_tokens
         logprobs = self._logprobs(tokens, text)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
