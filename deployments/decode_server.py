@@ -61,6 +61,7 @@ class DecodeServer:
         self._loop = EngineLoop(engine, asyncio.get_running_loop())
         self._loop.start()
         await self._warm_up()
+        await self._prefill.stats.remote()  # set up the route to prefill before serving
 
     async def _warm_up(self) -> None:
         request = EngineRequest("warmup", (1, 2, 3, 4), SamplingParams(temperature=0.0), 2, 0)

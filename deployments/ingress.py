@@ -66,7 +66,7 @@ def _too_large(limit: int) -> APIError:
 @serve.deployment
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, config: AppConfig, decode: DeploymentHandle):
+    async def __init__(self, config: AppConfig, decode: DeploymentHandle):
         loaded = load_replica_model(config, num_cpus=config.ingress.num_cpus, num_gpus=0,
                                     with_weights=False)
         self._config = config
@@ -77,6 +77,9 @@ class OpenAIIngress:
         self._max_body_bytes = config.ingress.max_body_bytes or (
             self._context * _TOKEN_ID_BYTES + (1 << 20))
         self._metrics = Metrics()
+        # Ready only once the route to decode works: a handle's first call sets up its
+        # router (seconds), which the first client request must not pay.
+        await self._decode.stats.remote()
 
     @app.get("/health")
     async def health(self) -> JSONResponse:

@@ -159,6 +159,17 @@ def test_bad_prompts_get_400_and_the_service_keeps_serving(serve_app, prompt, pa
     assert ok.status_code == 200
 
 
+def test_body_over_the_limit_is_413(serve_app):
+    # The default limit admits a max-context prompt as token ids (~1 MiB here), not more.
+    r = httpx.post(f"{serve_app}/v1/completions", timeout=60,
+                   json={"model": MODEL, "prompt": "a" * 1_300_000, "max_tokens": 1})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    ids = [7] * 8000  # a max-context prompt as token ids still fits the limit
+    r = httpx.post(f"{serve_app}/v1/completions", timeout=60,
+                   json={"model": MODEL, "prompt": ids, "max_tokens": 1})
+    assert r.status_code == 200
+
+
 def test_models_and_health(serve_app):
     assert [m.id for m in client(serve_app).models.list()] == [MODEL]
     assert httpx.get(f"{serve_app}/health", timeout=10).status_code == 200
