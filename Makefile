@@ -30,6 +30,7 @@ generate: model
 	$(PY) -m disagg generate --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
 
 test: model
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 lint: setup

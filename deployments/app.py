@@ -23,7 +23,8 @@ from deployments.config import AppConfig, ReplicaSettings
 from deployments.decode_server import DecodeServer
 from deployments.ingress import OpenAIIngress
 from deployments.prefill_server import PrefillServer
-from deployments.runtime import resolve_source
+from deployments.runtime import resolve_source, trianglemix_config
+from disagg.cli import default_cache_dir
 
 
 def _options(settings: ReplicaSettings, config: AppConfig) -> dict:
@@ -40,10 +41,11 @@ def _options(settings: ReplicaSettings, config: AppConfig) -> dict:
 
 def build_app(config: AppConfig) -> Application:
     """The Serve application for ``config`` (the graph above)."""
-    # Prepare the model here, once, before any replica starts: no conversion race.
-    source = resolve_source(config)
-    if config.cache_dir is None and source.path is not None:
-        config = config.model_copy(update={"cache_dir": source.path.parent})
+    # Resolve the cache here (the environment is read at this edge, not in replicas) and
+    # prepare the model once, before any replica starts: no conversion race. A bad model name
+    # or TriangleMix split fails here, not in a replica.
+    config = config.model_copy(update={"cache_dir": config.cache_dir or default_cache_dir()})
+    trianglemix_config(config, resolve_source(config).model_config())
     prefill = PrefillServer.options(**_options(config.prefill, config)).bind(config)
     decode = DecodeServer.options(**_options(config.decode, config)).bind(config, prefill)
     return OpenAIIngress.options(**_options(config.ingress, config)).bind(config, decode)

@@ -14,6 +14,7 @@ Life of a request here:
 """
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -51,6 +52,12 @@ def error_response(error: APIError) -> JSONResponse:
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     # One status for every invalid request: FastAPI's 422 becomes our 400.
     return error_response(invalid_request(f"invalid request: {error.errors()[0]['msg']}"))
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    # A replica died, a bug: still the OpenAI error shape, and no internals in the message.
+    return error_response(from_exception(error))
 
 
 class _Reject(Exception):
@@ -182,11 +189,13 @@ class OpenAIIngress:
         if body.stream:
             return StreamingResponse(self._sse(items, builder, body.include_usage),
                                      media_type="text/event-stream", headers=headers)
-        async for _, error in items:
-            if error is not None:
-                return error_response(error)
-        return JSONResponse(builder.whole(processor.text, len(processor.token_ids), processor.logprobs,
-                                          processor.finish_reason), headers=headers)
+        async with contextlib.aclosing(items):
+            async for _, error in items:
+                if error is not None:
+                    return error_response(error)
+        whole = builder.whole(processor.text, len(processor.token_ids), processor.logprobs,
+                              processor.finish_reason)
+        return JSONResponse(whole, headers=headers)
 
     async def _items(self, first: StreamItem, stream, processor: OutputProcessor, path: str,
                      t_start: float) -> AsyncIterator[tuple]:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from disagg_kernels.triangle_mix import TriangleParams
 
 from deployments.config import AppConfig
 from disagg.attention.triangle import TriangleMixConfig, published_trianglemix
@@ -13,7 +14,6 @@ from disagg.cli import default_cache_dir
 from disagg.models.config import ModelConfig
 from disagg.models.llama import LlamaForCausalLM
 from disagg.models.loader import ModelSource, load_model, load_tokenizer, resolve_model
-from disagg_kernels.triangle_mix import TriangleParams
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -11,7 +11,6 @@ model cache (default ``~/.cache/disagg``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path

@@ -97,7 +97,7 @@ class EngineLoop:
                     self._dispatch(out.request_id, out)
                 if self.engine.num_forwards == forwards:
                     time.sleep(_PENDING_WAIT_S)
-        except BaseException as e:  # the loop must never die silently
+        except BaseException as e:  # noqa: BLE001 (the loop must never die silently)
             self.error = e
         finally:
             self._stopped.set()
@@ -113,7 +113,7 @@ class EngineLoop:
             fn, future = item
             try:
                 result = fn(self.engine)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (the caller's future gets any error)
                 self._loop.call_soon_threadsafe(_set_exception, future, e)
             else:
                 self._loop.call_soon_threadsafe(_set_result, future, result)

@@ -18,7 +18,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     embedded_model_dir()  # the cache is prepared; the CLI must not convert on its own here
     return subprocess.run(
         [sys.executable, "-m", "disagg", "generate", *args],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+        check=False, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
     )
 
 

@@ -10,7 +10,7 @@ from a dense prefill's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from disagg_kernels.triangle_mix import TriangleParams
 
@@ -34,7 +34,7 @@ class TriangleMixConfig:
     """Triangle attention in ``triangle_layers``, dense elsewhere, during prefill."""
 
     triangle_layers: tuple[int, ...]
-    params: TriangleParams = TriangleParams()
+    params: TriangleParams = field(default_factory=TriangleParams)
 
     def __post_init__(self):
         if not self.triangle_layers:
@@ -72,7 +72,7 @@ def attention_tag(config: TriangleMixConfig | None) -> str:
     return DENSE_TAG if config is None else config.tag
 
 
-def published_trianglemix(architecture: str, params: TriangleParams = TriangleParams()
+def published_trianglemix(architecture: str, params: TriangleParams | None = None
                           ) -> TriangleMixConfig:
     """The TriangleMix config of a known architecture (``PUBLISHED_TRIANGLE_LAYERS`` keys)."""
     key = architecture.lower().removeprefix("random:").removesuffix("-instruct")
@@ -80,4 +80,4 @@ def published_trianglemix(architecture: str, params: TriangleParams = TrianglePa
         known = ", ".join(PUBLISHED_TRIANGLE_LAYERS)
         raise ValueError(f"no TriangleMix split is known for {architecture!r} (known: {known}); "
                          "give the Triangle layers explicitly")
-    return TriangleMixConfig(PUBLISHED_TRIANGLE_LAYERS[key], params)
+    return TriangleMixConfig(PUBLISHED_TRIANGLE_LAYERS[key], params or TriangleParams())

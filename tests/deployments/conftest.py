@@ -18,7 +18,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_app():
+def metrics_port() -> int:
+    """Where Ray's Prometheus exporter of this node listens."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_app(metrics_port):
     import ray
     from ray import serve
 
@@ -27,7 +33,7 @@ def serve_app():
 
     port = _free_port()
     ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
-             log_to_driver=False)
+             log_to_driver=False, _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = AppConfig(cache_dir=embedded_model_dir().parent,
                        local_prefill_max_tokens=LOCAL_PREFILL_MAX_TOKENS,

@@ -164,10 +164,12 @@ def test_body_over_the_limit_is_413(serve_app):
     r = httpx.post(f"{serve_app}/v1/completions", timeout=60,
                    json={"model": MODEL, "prompt": "a" * 1_300_000, "max_tokens": 1})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    ids = [7] * 8000  # a max-context prompt as token ids still fits the limit
+    # A max-context prompt as token ids passes the size check and meets the length rule
+    # (8192 tokens leave no room to generate): 400 from the length rule, not 413.
+    ids = [49151] * 8192
     r = httpx.post(f"{serve_app}/v1/completions", timeout=60,
                    json={"model": MODEL, "prompt": ids, "max_tokens": 1})
-    assert r.status_code == 200
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
 def test_models_and_health(serve_app):
@@ -186,7 +188,23 @@ def test_disconnect_mid_stream_frees_blocks_and_leases(serve_app, content):
         for i, line in enumerate(response.iter_lines()):
             if i >= 3:
                 break  # leave mid-stream: closing the connection aborts the request
-    decode, prefill = wait_for_baseline(baseline)
+    decode, _ = wait_for_baseline(baseline)
     assert decode.num_free_blocks == decode.num_total_blocks
     # Aborted, not run to its end: far fewer decode steps than the 200 tokens asked for.
     assert decode.num_forwards - before.num_forwards < 100
+
+
+def test_requests_are_counted_in_ray_metrics(serve_app, metrics_port):
+    httpx.post(f"{serve_app}/v1/completions", timeout=60,
+               json={"model": MODEL, "prompt": "Hello", "max_tokens": 2}).raise_for_status()
+    end = time.monotonic() + 60  # liveness: Ray exports metrics every few seconds
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        counted = [line for line in text.splitlines()
+                   if line.startswith("ray_disagg_requests_total{") and 'path="local"' in line
+                   and 'status="200"' in line]
+        if counted and "ray_disagg_time_to_first_token_seconds" in text:
+            break
+        assert time.monotonic() < end, "disagg metrics never reached Ray's exporter"
+        time.sleep(1)
+    assert float(counted[0].rsplit(" ", 1)[1]) >= 1
