@@ -2,7 +2,8 @@
 
 Life of a sequence in it:
 1. ``ContiguousKVCache.allocate`` reserves ``[max_tokens, Hkv, D]`` per layer for K and V.
-2. Prefill: ``ContiguousAttention(cache, start=0, ...)`` writes the prompt's K/V at 0..N-1.
+2. Prefill: ``PrefillAttention`` writes the prompt's K/V into views of rows 0..N-1 (its
+   layers may be TriangleMix); ``ContiguousAttention(start=0)`` would do it densely.
 3. Each decode step: ``ContiguousAttention(cache, start=n, ...)`` writes one row at n and
    attends over 0..n.
 The paged pool of the decode engine replaces this for batched serving.
