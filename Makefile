@@ -23,8 +23,10 @@ setup: $(VENV)/.installed
 model: setup
 	$(PY) -m disagg prepare-model
 
+# The launcher takes the same YAML as `serve run` and drains in-flight streams on Ctrl-C/SIGTERM
+# (`serve run` cuts them: its shutdown stops the HTTP proxy first).
 serve: model
-	$(VENV)/bin/serve run deployments/prefill_decode.yaml
+	$(PY) -m deployments.launch deployments/prefill_decode.yaml
 
 generate: model
 	$(PY) -m disagg generate --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)

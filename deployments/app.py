@@ -33,9 +33,10 @@ def _options(settings: ReplicaSettings, config: AppConfig) -> dict:
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
         "health_check_period_s": config.health_check_period_s,
         "max_ongoing_requests": 256,
-        # SIGINT/SIGTERM: stop routing, let running streams finish (or be aborted) first.
-        "graceful_shutdown_wait_loop_s": 1.0,
-        "graceful_shutdown_timeout_s": 30.0,
+        # On delete/shutdown (deployments/launch.py drains this way): Serve stops routing to
+        # the replica, which finishes its in-flight requests for up to drain_timeout_s.
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "graceful_shutdown_timeout_s": config.drain_timeout_s,
     }
 
 

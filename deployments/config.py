@@ -72,6 +72,9 @@ class AppConfig(BaseModel):
     decode: DecodeSettings = DecodeSettings()
     ingress: IngressSettings = IngressSettings()
     health_check_period_s: float = Field(5.0, gt=0, description="Serve health-check period")
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="on shutdown, how long a replica may finish its in-flight "
+                                "requests before it is stopped (Serve's graceful timeout)")
 
     @model_validator(mode="after")
     def _check(self):

@@ -18,6 +18,7 @@ the engine, which frees its blocks and releases the prefill lease.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -41,6 +42,7 @@ from disagg.transport.ray_object_store import BACKEND, RayObjectStoreKVReceiver
 LOCAL, DISAGGREGATED = "local", "disaggregated"
 _GIB = 1 << 30
 _HEARTBEAT_STALE_S = 30.0
+logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
 
 
 @serve.deployment
@@ -152,6 +154,11 @@ class DecodeServer:
         await self.stats()
 
     def __del__(self):
+        # Serve calls this once in-flight requests have ended (or the drain timed out).
         loop = getattr(self, "_loop", None)
-        if loop is not None:
-            loop.stop(timeout_s=5.0)
+        if loop is None:
+            return
+        loop.stop(timeout_s=5.0)
+        engine = loop.engine  # the engine thread is gone: read it directly
+        logger.info("DecodeServer stopping: %d/%d KV blocks free, unfinished requests: %s",
+                    engine.num_free_blocks, engine.num_total_blocks, engine.has_unfinished())

@@ -15,6 +15,7 @@ Life of a request here:
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -110,7 +111,8 @@ class OpenAIIngress:
 
     def _check_auth(self, request: Request) -> APIError | None:
         key = self._config.ingress.api_key
-        if key is None or request.headers.get("authorization") == f"Bearer {key}":
+        given = request.headers.get("authorization", "")
+        if key is None or hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             return None
         return APIError(401, "missing or invalid API key", "invalid_request_error", None,
                         "invalid_api_key")

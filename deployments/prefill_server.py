@@ -7,11 +7,14 @@ Life of a request here:
 3. Token 0 and a ``KVHandle`` go back; the KV waits in the Ray object store under a lease
    until the decode side pulls and releases it, or the lease expires.
 Un-pulled KV over the budget makes ``prefill`` answer 503 (``PrefillBusyError``).
+On shutdown Serve first lets in-flight ``prefill`` calls finish; ``__del__`` then logs the
+leases still held, which die with this replica (the lease keeper shares its fate).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
@@ -26,6 +29,7 @@ from disagg.sampling import SamplingParams
 from disagg.transport.ray_object_store import RayObjectStoreKVSender
 
 _GIB = 1 << 30
+logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
 
 
 @serve.deployment
@@ -73,3 +77,14 @@ class PrefillServer:
     async def check_health(self) -> None:
         await self.stats()  # also expires stale leases
 
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is None:  # the constructor failed
+            return
+        try:
+            num_leases, leased_bytes = engine.sender.num_leases, engine.sender.leased_bytes
+        except Exception as e:  # noqa: BLE001 (best effort at exit: the keeper may be gone)
+            logger.warning("PrefillServer stopping; lease count unavailable: %r", e)
+            return
+        logger.info("PrefillServer stopping: %d KV leases outstanding (%d bytes), %d prefills "
+                    "served", num_leases, leased_bytes, self._num_prefills)

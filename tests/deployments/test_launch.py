@@ -1,0 +1,141 @@
+"""``python -m deployments.launch``: a signal mid-stream drains the service instead of cutting it.
+
+The launcher runs as its own process with its own Ray instance (as ``make serve`` runs it),
+so these tests do not use the session's Serve app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import _free_port
+from helpers import embedded_model_dir
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_TOKENS = 24
+API_KEY = "sk-launch-test"
+
+
+def launch(config: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "deployments.launch", str(config)],
+                            cwd=REPO, env=env, text=True, **kwargs)
+
+
+def test_bad_config_file_exits_2_with_a_message(tmp_path):
+    missing = launch(tmp_path / "missing.yaml", stderr=subprocess.PIPE)
+    assert missing.wait(60) == 2
+    assert "missing.yaml" in missing.stderr.read()
+
+    overrides = tmp_path / "overrides.yaml"
+    overrides.write_text(yaml.safe_dump({"applications": [{
+        "name": "disagg", "route_prefix": "/", "import_path": "deployments.app:app_builder",
+        "deployments": [{"name": "DecodeServer", "num_replicas": 2}]}]}))
+    refused = launch(overrides, stderr=subprocess.PIPE)
+    assert refused.wait(60) == 2
+    assert "'deployments' or 'runtime_env'" in refused.stderr.read()
+
+
+def _config(path: Path, port: int) -> Path:
+    path.write_text(yaml.safe_dump({
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "disagg", "route_prefix": "/", "import_path": "deployments.app:app_builder",
+            "args": {"cache_dir": str(embedded_model_dir().parent),
+                     "local_prefill_max_tokens": 8,  # every prompt below goes through prefill
+                     "health_check_period_s": 1.0,
+                     "prefill": {"num_cpus": 0.5}, "decode": {"num_cpus": 0.5,
+                                                              "kv_cache_gib": 0.25},
+                     "ingress": {"num_cpus": 0.25, "api_key": API_KEY}},
+        }],
+    }))
+    return path
+
+
+def _wait_ready(base: str, proc: subprocess.Popen, deadline_s: float = 240.0) -> None:
+    end = time.monotonic() + deadline_s  # liveness deadline: the app start on 2 cores
+    while time.monotonic() < end:
+        assert proc.poll() is None, f"launcher exited with {proc.returncode}"
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the app did not become ready")
+
+
+def _replica_log(ray_tmp: Path, deployment: str) -> str:
+    logs = sorted(ray_tmp.glob(f"ray/session_*/logs/serve/replica_disagg_{deployment}_*.log"))
+    assert logs, f"no {deployment} replica log under {ray_tmp}"
+    return "".join(p.read_text() for p in logs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_stream_drains_then_stops(sig, tmp_path):
+    port = _free_port()
+    config = _config(tmp_path / "app.yaml", port)
+    # A short temp dir of its own (Ray's socket paths are length-limited): a Ray instance apart
+    # from the session's, and replica logs this test can read after the launcher exits.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "launcher.log").open("w")
+    proc = launch(config, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, proc)
+        for headers in ({}, {"authorization": "Bearer wrong"}):  # the 401 of the status mapping
+            denied = httpx.get(f"{base}/v1/models", headers=headers, timeout=30)
+            assert denied.status_code == 401
+            assert denied.json()["error"]["code"] == "invalid_api_key"
+        auth = {"authorization": f"Bearer {API_KEY}"}
+        body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": MAX_TOKENS,
+                "temperature": 0, "prompt": "Tell me a long story about the sea. " * 4}
+        chunks, finish, done = 0, None, False
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth,
+                          timeout=120) as r:
+            assert r.status_code == 200
+            assert r.headers["x-disagg-path"] == "disaggregated"
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[len("data: "):])
+                chunks += 1
+                finish = chunk["choices"][0]["finish_reason"] or finish
+                if chunks == 3:  # mid-stream: prefill done, KV pulled, decode running
+                    proc.send_signal(sig)
+        # The stream was drained, not cut: every token, the finish reason, the [DONE] line.
+        assert (chunks, finish, done) == (MAX_TOKENS, "length", True)
+        assert proc.wait(180) == 0  # liveness deadline for drain + shutdown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = (tmp_path / "launcher.log").read_text()
+    assert "draining" in out and re.search(r"drained in [\d.]+ s", out), out[-3000:]
+    # The replicas' own counters as they stopped: no lease left, every KV block free.
+    prefill_log = _replica_log(ray_tmp, "PrefillServer")
+    decode_log = _replica_log(ray_tmp, "DecodeServer")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert "0 KV leases outstanding" in prefill_log
+    decode = re.search(r"DecodeServer stopping: (\d+)/(\d+) KV blocks free, unfinished "
+                       r"requests: (\w+)", decode_log)
+    assert decode, "the decode replica did not log its stop"
+    assert decode[1] == decode[2] and decode[3] == "False"
