@@ -11,6 +11,9 @@ Life of a request here (``generate``):
   3. KV_TRANSFERRING: ``kv_ready`` checks the fingerprint and starts the pull from the Ray
      object store; the engine loop polls it;
   4. DECODING: tokens 1.. stream until the request finishes.
+  If the prefill deployment cannot take the call (its replicas died, or are gone because the
+  app is being deleted or drained), the reservation is dropped and this replica prefills the
+  prompt itself: the request is served on the local path instead of failing.
 Every exit (finish, error, client gone: Serve cancels this generator) aborts the request in
 the engine, which frees its blocks and releases the prefill lease.
 """
@@ -23,6 +26,8 @@ import time
 from collections.abc import AsyncIterator
 
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
@@ -42,7 +47,13 @@ from disagg.transport.ray_object_store import BACKEND, RayObjectStoreKVReceiver
 LOCAL, DISAGGREGATED = "local", "disaggregated"
 _GIB = 1 << 30
 _HEARTBEAT_STALE_S = 30.0
+# Errors of a prefill call that mean "no prefill replica can serve it" (not a bad request).
+_PREFILL_GONE = (DeploymentUnavailableError, RayActorError, ActorUnavailableError)
 logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
+
+
+class _PrefillUnavailable(Exception):
+    """The prefill call failed before token 0: the request can still be prefilled here."""
 
 
 @serve.deployment
@@ -74,8 +85,15 @@ class DecodeServer:
         """Stream a request's tokens; errors become a final ``StreamItem`` with ``error``."""
         try:
             runner = self._run_local if path == LOCAL else self._run_disaggregated
-            async for item in runner(request):
-                yield item
+            try:
+                async for item in runner(request):
+                    yield item
+            except _PrefillUnavailable as e:  # raised before anything was yielded
+                logger.warning("prefill unavailable (%r): request %s is prefilled here",
+                               e.__cause__, request.request_id)
+                self._metrics.prefill_fallbacks.inc()
+                async for item in self._run_local(request):
+                    yield item
         except PrefillBusyError as e:
             yield StreamItem(finished=True, finish_reason="error",
                              error=APIError(503, str(e), "server_error", None, "overloaded",
@@ -97,7 +115,10 @@ class DecodeServer:
         stream = self._loop.open_stream(rid)
         try:
             await self._loop.call(lambda engine: engine.add_remote_request(request))
-            published = await self._prefill.prefill.remote(request)
+            try:
+                published = await self._prefill.prefill.remote(request)
+            except _PREFILL_GONE as e:
+                raise _PrefillUnavailable() from e
             yield StreamItem(token=published.first_token,
                              finished=published.finish_reason is not None,
                              finish_reason=published.finish_reason,

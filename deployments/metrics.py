@@ -36,3 +36,7 @@ class Metrics:
             "disagg_kv_leases_active", description="published KV caches not yet pulled")
         self.prefill_queue_tokens = metrics.Gauge(
             "disagg_prefill_queue_tokens", description="prompt tokens waiting for or in prefill")
+        self.prefill_fallbacks = metrics.Counter(
+            "disagg_prefill_fallbacks_total",
+            description="disaggregated requests prefilled by decode: no prefill replica could "
+                        "take them")
