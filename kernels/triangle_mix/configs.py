@@ -25,6 +25,8 @@ class TileConfig:
     min_split_keys: int  # ...each at least this many keys (fewer, longer programs otherwise)
     loop: int = 0  # 0: three loops (edge/interior/edge); 1: one loop, mask all; 2: one loop,
     #                mask edge tiles only (see kernel.py)
+    maxnreg: int | None = None  # registers per thread (CUDA): 128 at 8 warps fits 2 programs
+    #                             per multiprocessor
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_s"):
@@ -42,15 +44,21 @@ INTERPRETER = TileConfig(
 )
 
 # (head_dim) -> config for bf16/fp16 on sm_90. Measured on one H200 (32/8 heads, head dim 128,
-# 32K and 128K): one loop with edge-only masking beat three loops by 7% (4.23 vs 4.56 ms at
-# 128K); 3 stages ~ 4; 128x128 tiles 17% and 128x32 11% slower than 128x64 (three loops,
-# 128K); 4 key splits of 32K keys for the last rows ~ 8 of 16K, both ahead of 2 of 64K.
+# 32K and 128K): a band program walks only ~18 key tiles, so its Q load, pipeline ramp and
+# epilogue are exposed unless a second program shares the multiprocessor. 128x32 tiles capped
+# at 128 registers (no spills, 80 KiB shared memory) fit two 8-warp programs per SM and beat
+# the one-program 128x64 tiles (230 registers) by 3-5% at 128K (4.02-4.11 vs 4.18-4.24 ms;
+# 0.5-2% behind at 32K with equal splits). Uncapped, the same tiles take 148 registers (one
+# program) and run 15% slower. One loop with edge-only masking ahead of masking every tile,
+# ~ three loops; 3 stages ahead of 2 and 4. Last rows: up to 4 key splits of at least 8K keys
+# (32K: 4 of 8K, ~1.01 ms, against ~1.05 for one of 32K); at 128K 4 of 32K keys 1-3% ahead of
+# 8 of 16K and 2 of 64K.
 # Head dim 64 reuses the choice (not swept).
 _HOPPER: dict[int, TileConfig] = {
-    64: TileConfig(128, 64, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=32768,
-                   loop=2),
-    128: TileConfig(128, 64, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=32768,
-                    loop=2),
+    64: TileConfig(128, 32, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=8192,
+                   loop=2, maxnreg=128),
+    128: TileConfig(128, 32, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=8192,
+                    loop=2, maxnreg=128),
 }
 _FALLBACK = TileConfig(64, 32, 16, num_warps=4, num_stages=2, max_splits=32, min_split_keys=4096)
 

@@ -10,7 +10,8 @@ One launch runs two kinds of program, split programs first so the long ones star
   log-sum-exp, so the long rows are spread over the whole GPU instead of trailing the launch.
 - band programs: the middle rows against the sink tile(s) and their window band only.
 
-Each program walks few tiles (about ten), so pipeline ramps matter as much as mask arithmetic.
+Each program walks few tiles (about twenty), so pipeline ramps matter as much as mask
+arithmetic; ``configs.py`` sizes tiles so that two programs share a multiprocessor.
 ``LOOP`` picks how the tiles are walked: 0 = three loops [masked lower edge | unmasked interior
 | masked diagonal]; 1 = one loop, every tile masked; 2 = one loop, edge tiles masked under a
 branch. The sink keys get their own loop of narrow ``BLOCK_S`` tiles (walking them as one

@@ -134,6 +134,7 @@ def triangle_attention_triton(
     ws_lse = torch.empty(plan.num_splits, num_heads_q, last_rows,
                          dtype=torch.float32, device=q.device)
     num_programs = (plan.num_last_tiles * plan.num_splits + plan.num_band_tiles) * num_heads_kv
+    extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None and q.is_cuda else {}
     if num_programs > 0:
         _triangle_fwd[(num_programs,)](
             q, k, v, out, lse, ws_out, ws_lse,
@@ -146,7 +147,7 @@ def triangle_attention_triton(
             GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_S=cfg.block_s, LOOP=cfg.loop,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
         )
     if last_rows > 0 and plan.num_splits > 0:
         pairs = last_rows * num_heads_q

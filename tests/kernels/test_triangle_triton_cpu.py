@@ -138,6 +138,18 @@ def test_loop_variants(loop):
                     torch.float32)
 
 
+def test_gpu_table_tiles():
+    """The sm_90 table's tile shape and walk (its register cap applies on CUDA only)."""
+    from disagg_kernels.triangle_mix.configs import _HOPPER
+
+    n = 300
+    q, k, v = _qkv(n, 8, 2, 32, torch.float32, seed=29)
+    cfg = replace(_HOPPER[128], min_split_keys=64)
+    out, lse = _run(q, k, v, num_tokens=n, params=SMALL, config=cfg)
+    _assert_matches(out, lse, *triangle_attention_reference(q, k, v, num_tokens=n, params=SMALL),
+                    torch.float32)
+
+
 def test_key_range_after_queries_gives_empty_rows():
     n = 300
     q, k, v = _qkv(n, 2, 1, 32, torch.float32, seed=17)
