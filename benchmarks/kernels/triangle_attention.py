@@ -166,7 +166,7 @@ def benchmark(args, params) -> None:
     hq, hkv, d = args.heads_q, args.heads_kv, args.head_dim
     cfg = pick_config(torch.device("cuda"), d, hq // hkv, torch.bfloat16)
     if args.config is not None:
-        cfg = TileConfig(**json.loads(args.config.read_text()))
+        cfg = TileConfig.from_dict(json.loads(args.config.read_text()))
     checked = check(args.check_tokens, hq, hkv, d, params, cfg)
     extra = {"shape": {"heads_q": hq, "heads_kv": hkv, "head_dim": d, "dtype": "bfloat16"},
              "params": asdict(params), "config": asdict(cfg), "check": checked}
@@ -213,25 +213,33 @@ def benchmark(args, params) -> None:
 
 
 def sweep_candidates() -> list[TileConfig]:
-    """Tile shapes and tile walks worth timing on Hopper (block_m = tokens x group heads).
-    The table's config comes first and last: the spread of the two is the run's noise."""
-    table = TileConfig(128, 32, 16, 8, 3, 4, 8192, loop=2, maxnreg=128)  # 2 programs per SM
+    """Tile configs worth timing on Hopper (block_m = tokens x group heads): the band's table
+    tiles with the last rows in the same launch or in one of their own (``split``). The
+    table's config comes first and last: the spread of the two is the run's noise."""
+    table = pick_config(torch.device("cuda"), 128, 4, torch.bfloat16)
+    band = replace(table, split=None)
+    one_per_sm = TileConfig(128, 64, 16, 8, 3, 4, 8192, loop=2)  # 230 registers
     return [
         table,
-        TileConfig(128, 64, 16, 8, 3, 4, 8192, loop=2),  # 230 registers: 1 program per SM
-        replace(table, num_stages=4),
-        replace(table, num_stages=2),
-        replace(table, loop=1),
-        replace(table, loop=0),
-        replace(table, maxnreg=None),
-        replace(table, block_n=64, num_stages=2),
+        band,
+        replace(band, split=one_per_sm),
+        replace(band, split=replace(one_per_sm, num_stages=4)),
+        replace(band, split=replace(one_per_sm, block_n=128, num_stages=2)),
+        replace(band, split=replace(one_per_sm, max_splits=8, min_split_keys=4096)),
+        replace(band, split=replace(band, max_splits=8, min_split_keys=4096)),
         table,
     ]
 
 
 def label(cfg: TileConfig) -> str:
     shape = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} loop{cfg.loop}"
-    return f"{shape} maxnreg{cfg.maxnreg}" if cfg.maxnreg else shape
+    shape = f"{shape} maxnreg{cfg.maxnreg}" if cfg.maxnreg else shape
+    if cfg.split is None:
+        return shape
+    last = cfg.split
+    return (f"{shape} | last rows {last.block_m}x{last.block_n} w{last.num_warps} "
+            f"s{last.num_stages} maxnreg{last.maxnreg} splits {last.max_splits}/"
+            f"{last.min_split_keys}")
 
 
 def compiled_resources() -> dict:
@@ -279,9 +287,10 @@ def sweep(args, params) -> None:
     key = f"ms_{max(args.sweep_sizes)}"
     ok = [r for r in rows if key in r and r["rel_rms"] <= 5e-3]
     best = min(ok, key=lambda r: r[key])
-    best_cfg = TileConfig(**{f: best[f] for f in TileConfig.__dataclass_fields__})
+    best_cfg = TileConfig.from_dict({f: best[f] for f in TileConfig.__dataclass_fields__})
     for max_splits, min_keys in [(4, 32768), (8, 16384), (2, 65536)]:
-        cfg = replace(best_cfg, max_splits=max_splits, min_split_keys=min_keys)
+        last = replace(best_cfg.last_rows, max_splits=max_splits, min_split_keys=min_keys)
+        cfg = replace(best_cfg, split=last) if best_cfg.split else last
         rows.append(run(cfg, f"best splits {max_splits}/{min_keys}"))
     no_last = replace(params, n_last=0)
     for n, (q, k, v) in inputs.items():  # where the time goes: the band alone
@@ -291,7 +300,7 @@ def sweep(args, params) -> None:
         print(json.dumps(rows[-1]), flush=True)
     split_rows = [r for r in rows if r["config"].startswith("best splits") and key in r]
     best = min([best, *split_rows], key=lambda r: r[key])
-    best_cfg = TileConfig(**{f: best[f] for f in TileConfig.__dataclass_fields__})
+    best_cfg = TileConfig.from_dict({f: best[f] for f in TileConfig.__dataclass_fields__})
     if args.best_out is not None:
         args.best_out.write_text(json.dumps(asdict(best_cfg)))
     path = write_results("triangle_attention_sweep", rows, commit=args.commit, dirty=args.dirty,

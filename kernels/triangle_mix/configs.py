@@ -27,6 +27,8 @@ class TileConfig:
     #                mask edge tiles only (see kernel.py)
     maxnreg: int | None = None  # registers per thread (CUDA): 128 at 8 warps fits 2 programs
     #                             per multiprocessor
+    split: TileConfig | None = None  # set: the dense last rows run in a launch of their own with
+    #   these tiles, warps, stages and splits (same block_m); None: one launch runs both
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_s"):
@@ -37,6 +39,19 @@ class TileConfig:
             raise ValueError("min_split_keys must be a multiple of block_n")
         if self.loop not in (0, 1, 2):
             raise ValueError(f"loop must be 0, 1 or 2, got {self.loop}")
+        if self.split is not None and (self.split.block_m != self.block_m or self.split.split):
+            raise ValueError("split needs the same block_m and no split of its own")
+
+    @property
+    def last_rows(self) -> TileConfig:
+        """The configuration the last rows' split programs run with."""
+        return self.split or self
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> TileConfig:
+        """Inverse of ``dataclasses.asdict`` (JSON configs of the benchmarks)."""
+        split = fields.get("split")
+        return cls(**{**fields, "split": cls.from_dict(split) if split else None})
 
 
 INTERPRETER = TileConfig(
@@ -72,5 +87,7 @@ def pick_config(device: torch.device, head_dim: int, group: int, dtype: torch.dt
     else:
         cfg = _HOPPER.get(head_dim, _FALLBACK)
     if cfg.block_m < group:
-        cfg = replace(cfg, block_m=1 << (group - 1).bit_length())
+        block_m = 1 << (group - 1).bit_length()
+        split = replace(cfg.split, block_m=block_m) if cfg.split else None
+        cfg = replace(cfg, block_m=block_m, split=split)
     return cfg

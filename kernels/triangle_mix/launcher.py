@@ -40,6 +40,7 @@ def plan_launch(
     params: TriangleParams, cfg: TileConfig,
 ) -> LaunchPlan:
     tokens = cfg.block_m // group
+    cfg = cfg.last_rows  # the split geometry follows the configuration the last rows run with
     band_rows = min(max(params.first_last_row(num_tokens) - q_start, 0), num_q)
     last_rows = num_q - band_rows
     last_keys = min(max(q_start + num_q - k_start, 0), num_k)
@@ -64,6 +65,7 @@ def computed_key_columns(plan: LaunchPlan, *, q_start: int, k_start: int, num_k:
     """Key columns the kernel computes, summed over programs of one KV head (each program
     computes ``block_m`` rows against them). Mirrors the loop bounds of ``_triangle_fwd``."""
     tok, bn, bs = plan.tokens_per_tile, cfg.block_n, cfg.block_s
+    split_bn = cfg.last_rows.block_n
     t0 = torch.arange(plan.num_band_tiles, dtype=torch.int64) * tok
     t_hi = torch.clamp(t0 + tok, max=plan.band_rows)
     qa0, qa1 = q_start + t0, q_start + t_hi - 1
@@ -74,7 +76,7 @@ def computed_key_columns(plan: LaunchPlan, *, q_start: int, k_start: int, num_k:
     band = ((e - a + bn - 1) // bn * bn).sum() + ((sink_end + bs - 1) // bs * bs).sum()
     lo = torch.arange(plan.num_splits, dtype=torch.int64) * plan.split_keys
     hi = torch.clamp(lo + plan.split_keys, max=plan.last_keys)
-    split = ((hi - lo + bn - 1) // bn * bn).sum() * plan.num_last_tiles
+    split = ((hi - lo + split_bn - 1) // split_bn * split_bn).sum() * plan.num_last_tiles
     return int(band + split)
 
 
@@ -133,22 +135,21 @@ def triangle_attention_triton(
                          dtype=torch.float32, device=q.device)
     ws_lse = torch.empty(plan.num_splits, num_heads_q, last_rows,
                          dtype=torch.float32, device=q.device)
-    num_programs = (plan.num_last_tiles * plan.num_splits + plan.num_band_tiles) * num_heads_kv
-    extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None and q.is_cuda else {}
-    if num_programs > 0:
-        _triangle_fwd[(num_programs,)](
-            q, k, v, out, lse, ws_out, ws_lse,
+    args = (q, k, v, out, lse, ws_out, ws_lse,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             num_q, num_k, num_heads_q, q_start, k_start, params.n_sink, params.n_window,
-            plan.band_rows, plan.num_band_tiles, plan.num_last_tiles, plan.num_splits,
-            plan.split_keys, plan.last_keys,
-            scale * LOG2E,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_S=cfg.block_s, LOOP=cfg.loop,
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
-        )
+            plan.band_rows, plan.num_band_tiles)
+    split_progs = plan.num_last_tiles * plan.num_splits * num_heads_kv
+    band_progs = plan.num_band_tiles * num_heads_kv
+    # Split programs: (num_last_tiles, num_splits); band programs come after them in the grid.
+    if cfg.split is None:  # one launch: the long split programs start first
+        _launch(args, (plan.num_last_tiles, plan.num_splits), plan, split_progs + band_progs,
+                cfg, group, head_dim, scale, q)
+    else:  # the last rows with their own tiles, then the band alone
+        _launch(args, (plan.num_last_tiles, plan.num_splits), plan, split_progs, cfg.split,
+                group, head_dim, scale, q)
+        _launch(args, (0, 0), plan, band_progs, cfg, group, head_dim, scale, q)
     if last_rows > 0 and plan.num_splits > 0:
         pairs = last_rows * num_heads_q
         _merge_splits[(triton.cdiv(pairs, MERGE_BLOCK_R),)](
@@ -157,3 +158,18 @@ def triangle_attention_triton(
             HEAD_DIM=head_dim, BLOCK_R=MERGE_BLOCK_R, num_warps=4,
         )
     return out, lse
+
+
+def _launch(args: tuple, last: tuple[int, int], plan: LaunchPlan, num_programs: int,
+            cfg: TileConfig, group: int, head_dim: int, scale: float, q: torch.Tensor) -> None:
+    """One ``_triangle_fwd`` launch of the first ``num_programs`` programs of the grid."""
+    if num_programs == 0:
+        return
+    extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg is not None and q.is_cuda else {}
+    _triangle_fwd[(num_programs,)](
+        *args, *last, plan.split_keys, plan.last_keys, scale * LOG2E,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_S=cfg.block_s, LOOP=cfg.loop,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+    )

@@ -95,6 +95,23 @@ def test_loop_variants(loop):
     _check(out, lse, *triangle_attention_reference(q, k, v, num_tokens=n))
 
 
+@pytest.mark.parametrize("separate", [False, True], ids=["one-launch", "split-launch"])
+def test_last_rows_in_one_or_two_launches(separate):
+    """The last rows' split programs in the band's launch, or in one of their own."""
+    from dataclasses import replace
+
+    from disagg_kernels.triangle_mix.configs import pick_config
+
+    n = 4109
+    q, k, v = _qkv(n, 32, 8, 128, seed=17)
+    cfg = pick_config(q.device, 128, 4, q.dtype)
+    own = cfg.split or replace(cfg, block_n=64, maxnreg=None)
+    cfg = replace(cfg, split=replace(own, min_split_keys=1024) if separate else None,
+                  min_split_keys=1024)  # several key splits at this length either way
+    out, lse = _launch(q, k, v, num_tokens=n, config=cfg)
+    _check(out, lse, *triangle_attention_reference(q, k, v, num_tokens=n))
+
+
 def test_public_dispatch_runs_the_kernel():
     q, k, v = _qkv(1000, 32, 8, 128, seed=5)
     out, lse = triangle_attention(q, k, v, num_tokens=1000)

@@ -150,6 +150,24 @@ def test_gpu_table_tiles():
                     torch.float32)
 
 
+@pytest.mark.parametrize("n", [7, 130, 300])
+def test_last_rows_in_a_launch_of_their_own(n):
+    """``split`` set: the last rows run with other tiles and splits in a second launch."""
+    q, k, v = _qkv(n, 4, 2, 32, torch.float32, seed=31)
+    cfg = replace(INTERPRETER, split=replace(INTERPRETER, block_n=16, max_splits=3,
+                                             min_split_keys=32))
+    plan = plan_launch(n, n, 2, num_tokens=n, q_start=0, k_start=0, params=SMALL, cfg=cfg)
+    assert plan.split_keys % 16 == 0 and (n < 64 or plan.num_splits == 3)
+    out, lse = _run(q, k, v, num_tokens=n, params=SMALL, config=cfg)
+    _assert_matches(out, lse, *triangle_attention_reference(q, k, v, num_tokens=n, params=SMALL),
+                    torch.float32)
+    # a query shard at the end of a key range, as sequence parallelism launches it
+    out, lse = _run(q[n // 2:], k, v, num_tokens=n, q_start=n // 2, params=SMALL, config=cfg)
+    ref_out, ref_lse = triangle_attention_reference(q[n // 2:], k, v, num_tokens=n,
+                                                    q_start=n // 2, params=SMALL)
+    _assert_matches(out, lse, ref_out, ref_lse, torch.float32)
+
+
 def test_key_range_after_queries_gives_empty_rows():
     n = 300
     q, k, v = _qkv(n, 2, 1, 32, torch.float32, seed=17)
