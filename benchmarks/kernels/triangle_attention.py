@@ -207,9 +207,34 @@ def benchmark(args, params) -> None:
             save()
             del q, k, v
             torch.cuda.empty_cache()
+    if args.interleave:
+        extra["interleaved"] = interleaved(args, params, cfg)
+        save()
     print(f"wrote {args.out}")
     print_table(rows, ["context_tokens", "ours_ms", "flexattention_ms", "cudnn_dense_ms",
                        "speedup_vs_flex", "speedup_vs_cudnn", "useful_tflops", "tile_tflops"])
+
+
+def interleaved(args, params, cfg: TileConfig) -> dict:
+    """``cfg`` against the same tiles with the last rows in the band's launch, timed in
+    alternation (A B A B ...) so clock drift during the run hits both alike."""
+    hq, hkv, d = args.heads_q, args.heads_kv, args.head_dim
+    variants = {"config": cfg, "last rows in the band launch": replace(cfg, split=None)}
+    result = {}
+    for n in (32768, 131072):
+        q, k, v = make_inputs(n, hq, hkv, d)
+        times = {name: [] for name in variants}
+        for _ in range(args.interleave):
+            for name, c in variants.items():
+                times[name].append(time_ms(lambda c=c, q=q, k=k, v=v, n=n:
+                                           triangle_attention_triton(q, k, v, num_tokens=n,
+                                                                     params=params, config=c)))
+        result[str(n)] = {name: {"median_ms": statistics.median(t), "ms": t}
+                          for name, t in times.items()}
+        print("interleaved", n, json.dumps(result[str(n)]), flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return result
 
 
 def sweep_candidates() -> list[TileConfig]:
@@ -320,6 +345,8 @@ def main() -> None:
     parser.add_argument("--skip-flex", action="store_true")
     parser.add_argument("--skip-cudnn", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time tile configs instead")
+    parser.add_argument("--interleave", type=int, default=5,
+                        help="rounds of config vs one-launch timing at 32K and 128K (0: none)")
     parser.add_argument("--sweep-sizes", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--config", type=Path, default=None,
                         help="tile config JSON to time instead of the table's (tuning runs)")

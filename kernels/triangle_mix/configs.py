@@ -62,18 +62,19 @@ INTERPRETER = TileConfig(
 # 32K and 128K): a band program walks only ~18 key tiles, so its Q load, pipeline ramp and
 # epilogue are exposed unless a second program shares the multiprocessor. 128x32 tiles capped
 # at 128 registers (no spills, 80 KiB shared memory) fit two 8-warp programs per SM and beat
-# the one-program 128x64 tiles (230 registers) by 3-5% at 128K (4.02-4.11 vs 4.18-4.24 ms;
-# 0.5-2% behind at 32K with equal splits). Uncapped, the same tiles take 148 registers (one
-# program) and run 15% slower. One loop with edge-only masking ahead of masking every tile,
-# ~ three loops; 3 stages ahead of 2 and 4. Last rows: up to 4 key splits of at least 8K keys
-# (32K: 4 of 8K, ~1.01 ms, against ~1.05 for one of 32K); at 128K 4 of 32K keys 1-3% ahead of
-# 8 of 16K and 2 of 64K.
+# the one-program 128x64 tiles (230 registers) by 3-5% at 128K; uncapped, the same tiles take
+# 148 registers (one program) and run 15% slower. One loop with edge-only masking ahead of
+# masking every tile, ~ three loops; 3 stages ahead of 2 and 4. The dense last rows are long
+# rows, not short walks: they run in a launch of their own with one-program 128x64 tiles,
+# 4 stages (~4.00 vs 4.03-4.56 ms at 128K in the same sweep), up to 4 key splits of at least 8K
+# keys (32K: 4 of 8K, ~1.00 ms, against ~1.35 for one split of 32K).
 # Head dim 64 reuses the choice (not swept).
+_LAST_ROWS = TileConfig(128, 64, 16, num_warps=8, num_stages=4, max_splits=4,
+                        min_split_keys=8192, loop=2)
 _HOPPER: dict[int, TileConfig] = {
-    64: TileConfig(128, 32, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=8192,
-                   loop=2, maxnreg=128),
-    128: TileConfig(128, 32, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=8192,
-                    loop=2, maxnreg=128),
+    d: TileConfig(128, 32, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=8192,
+                  loop=2, maxnreg=128, split=_LAST_ROWS)
+    for d in (64, 128)
 }
 _FALLBACK = TileConfig(64, 32, 16, num_warps=4, num_stages=2, max_splits=32, min_split_keys=4096)
 

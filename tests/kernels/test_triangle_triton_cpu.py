@@ -144,7 +144,8 @@ def test_gpu_table_tiles():
 
     n = 300
     q, k, v = _qkv(n, 8, 2, 32, torch.float32, seed=29)
-    cfg = replace(_HOPPER[128], min_split_keys=64)
+    table = _HOPPER[128]
+    cfg = replace(table, split=replace(table.last_rows, min_split_keys=64))  # several splits
     out, lse = _run(q, k, v, num_tokens=n, params=SMALL, config=cfg)
     _assert_matches(out, lse, *triangle_attention_reference(q, k, v, num_tokens=n, params=SMALL),
                     torch.float32)
