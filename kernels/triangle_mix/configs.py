@@ -66,11 +66,12 @@ INTERPRETER = TileConfig(
 # 148 registers (one program) and run 15% slower. One loop with edge-only masking ahead of
 # masking every tile, ~ three loops; 3 stages ahead of 2 and 4. The dense last rows are long
 # rows, not short walks: they run in a launch of their own with one-program 128x64 tiles,
-# 4 stages (~4.00 vs 4.03-4.56 ms at 128K in the same sweep), up to 4 key splits of at least 8K
-# keys (32K: 4 of 8K, ~1.00 ms, against ~1.35 for one split of 32K).
+# 4 stages (~4.00 vs 4.03-4.56 ms at 128K in the same sweep), 4 key splits (of at least 2K
+# keys) from 8K on: about one wave of split programs, short enough not to trail the band at
+# 8K-16K (32K: 4 of 8K, ~1.00 ms, against ~1.35 for one split of 32K).
 # Head dim 64 reuses the choice (not swept).
 _LAST_ROWS = TileConfig(128, 64, 16, num_warps=8, num_stages=4, max_splits=4,
-                        min_split_keys=8192, loop=2)
+                        min_split_keys=2048, loop=2)
 _HOPPER: dict[int, TileConfig] = {
     d: TileConfig(128, 32, 16, num_warps=8, num_stages=3, max_splits=4, min_split_keys=8192,
                   loop=2, maxnreg=128, split=_LAST_ROWS)
