@@ -4,14 +4,18 @@ Tile of queries: ``BLOCK_M`` rows packed as ``(token, head-in-group)`` pairs, so
 query heads of one KV head share every K/V tile load (native GQA): row ``m`` is token
 ``t0 + m // GROUP``, query head ``hkv * GROUP + m % GROUP``; ``BLOCK_M // GROUP`` tokens per tile.
 
-One launch runs two kinds of program, split programs first so the long ones start first:
+The grid holds two kinds of program, split programs first (program ids below
+``num_last_tiles * num_splits * Hkv``), band programs after them:
 - split programs: the dense last rows against one slice (``split_keys`` keys) of their key range;
   they write fp32 partial ``(out, lse)`` to a workspace that ``_merge_splits`` folds by
   log-sum-exp, so the long rows are spread over the whole GPU instead of trailing the launch.
 - band programs: the middle rows against the sink tile(s) and their window band only.
+The launcher runs both in one launch (long split programs start first), or, when the config
+has ``split``, the split programs in a launch of their own with other tiles (a grid cut after
+them), then the band (``num_last_tiles = 0``).
 
-Each program walks few tiles (about twenty), so pipeline ramps matter as much as mask
-arithmetic; ``configs.py`` sizes tiles so that two programs share a multiprocessor.
+A band program walks few tiles (about twenty), so pipeline ramps matter as much as mask
+arithmetic; ``configs.py`` sizes the band's tiles so that two programs share a multiprocessor.
 ``LOOP`` picks how the tiles are walked: 0 = three loops [masked lower edge | unmasked interior
 | masked diagonal]; 1 = one loop, every tile masked; 2 = one loop, edge tiles masked under a
 branch. The sink keys get their own loop of narrow ``BLOCK_S`` tiles (walking them as one

@@ -1,4 +1,5 @@
-"""Typed launcher of the Triangle Triton kernel: checks inputs, plans the grid, launches.
+"""Typed launcher of the Triangle Triton kernel: checks inputs, plans the grid, launches
+(one launch, or the last rows' launch then the band's when the config has ``split``), merges.
 
 Layouts: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` (last dim contiguous; token and head strides
 free), out ``[Tq, Hq, D]`` in q's dtype, lse ``[Hq, Tq]`` fp32 (natural log).
