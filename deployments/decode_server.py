@@ -26,11 +26,10 @@ import time
 from collections.abc import AsyncIterator
 
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
+from deployments.failures import REPLICA_GONE
 from deployments.messages import DecodeStats, StreamItem
 from deployments.metrics import Metrics
 from deployments.runtime import load_replica_model
@@ -47,8 +46,6 @@ from disagg.transport.ray_object_store import BACKEND, RayObjectStoreKVReceiver
 LOCAL, DISAGGREGATED = "local", "disaggregated"
 _GIB = 1 << 30
 _HEARTBEAT_STALE_S = 30.0
-# Errors of a prefill call that mean "no prefill replica can serve it" (not a bad request).
-_PREFILL_GONE = (DeploymentUnavailableError, RayActorError, ActorUnavailableError)
 logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
 
 
@@ -117,7 +114,7 @@ class DecodeServer:
             await self._loop.call(lambda engine: engine.add_remote_request(request))
             try:
                 published = await self._prefill.prefill.remote(request)
-            except _PREFILL_GONE as e:
+            except REPLICA_GONE as e:
                 raise _PrefillUnavailable() from e
             yield StreamItem(token=published.first_token,
                              finished=published.finish_reason is not None,

@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
 from deployments.decode_server import DISAGGREGATED, LOCAL
+from deployments.failures import REPLICA_GONE
 from deployments.messages import StreamItem
 from deployments.metrics import Metrics
 from deployments.runtime import load_replica_model
@@ -64,6 +65,17 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
 class _Reject(Exception):
     def __init__(self, error: APIError):
         self.error = error
+
+
+async def next_item(stream) -> StreamItem:
+    """The decode stream's next item; a decode replica that is gone (died, or the app is
+    draining) becomes a 503 error item, before the first token as in mid-stream."""
+    try:
+        return await stream.__anext__()
+    except REPLICA_GONE:
+        return StreamItem(finished=True, finish_reason="error", error=APIError(
+            503, "no decode replica could serve the request; retry", "server_error", None,
+            "service_unavailable", retry_after_s=1))
 
 
 def _too_large(limit: int) -> APIError:
@@ -177,7 +189,7 @@ class OpenAIIngress:
         path = LOCAL if request.num_prompt_tokens < self._config.local_prefill_max_tokens \
             else DISAGGREGATED
         stream = self._decode.options(stream=True).generate.remote(request, path)
-        first = await stream.__anext__()
+        first = await next_item(stream)
         if first.error is not None:
             stream.cancel()
             self._metrics.requests.inc(tags={"path": path, "status": str(first.error.status)})
@@ -214,7 +226,7 @@ class OpenAIIngress:
                 yield delta, item.error
                 if processor.finished:
                     return
-                item = await stream.__anext__()
+                item = await next_item(stream)
         finally:
             if not item.finished:  # a stop string, a disconnect: abort on the decode side
                 stream.cancel()

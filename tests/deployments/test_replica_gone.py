@@ -1,7 +1,8 @@
-"""A decode replica whose prefill deployment cannot take a call prefills the request itself.
+"""When no replica of the next deployment can take a call (replicas died, or the app drains).
 
-The DecodeServer class runs here without Serve (constructed the way Serve constructs it), with
-a fake prefill handle whose calls fail as Serve's handles fail when no replica can serve.
+Decode prefills the request itself when prefill is gone; the ingress answers 503 when decode is
+gone. The DecodeServer class runs here without Serve (constructed the way Serve constructs it),
+with fakes of the handles that fail as Serve's handles fail when no replica can serve.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from ray.serve.exceptions import DeploymentUnavailableError
 
 from deployments.config import AppConfig
 from deployments.decode_server import DISAGGREGATED, LOCAL, DecodeServer
-from deployments.messages import DecodeStats
+from deployments.ingress import next_item
+from deployments.messages import DecodeStats, StreamItem
 from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
 
@@ -77,5 +79,36 @@ def test_disaggregated_request_is_prefilled_here_when_prefill_is_gone(error):
             assert not after.has_unfinished
         finally:
             server.__del__()
+
+    asyncio.run(run())
+
+
+class FakeDecodeStream:
+    """Test fake of a decode replica's token stream: some items, then the replica is gone."""
+
+    def __init__(self, items: list[StreamItem], error: Exception):
+        self._items, self._error = list(items), error
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        if self._items:
+            return self._items.pop(0)
+        raise self._error
+
+
+@pytest.mark.parametrize("error", [DeploymentUnavailableError("DecodeServer"),
+                                   ActorDiedError()], ids=["deleted", "died"])
+def test_ingress_turns_a_gone_decode_replica_into_503(error):
+    async def run():
+        ok = StreamItem(finished=False)
+        stream = FakeDecodeStream([ok], error)
+        assert await next_item(stream) is ok  # items pass through untouched
+        gone = await next_item(stream)  # mid-stream, or as the first item
+        assert gone.finished and gone.finish_reason == "error" and gone.token is None
+        assert gone.error.status == 503
+        assert gone.error.headers() == {"Retry-After": "1"}
+        assert gone.error.body()["error"]["code"] == "service_unavailable"
 
     asyncio.run(run())
