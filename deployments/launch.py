@@ -15,7 +15,8 @@ first step, so every stream still in flight is cut. This launcher drains first:
    Serve and Ray are shut down if this process started them; on a cluster it joined, only its
    own applications were removed.
 
-Exit status: 0 after a full drain, 1 when the drain was cut short, 2 for a bad config file.
+Exit status: 0 after a full drain, 1 when the drain was cut short, 2 for a config file that
+cannot be served (unreadable, invalid schema or ``args``, unknown import path or model).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+from disagg.errors import DisaggError
 
 _POLL_S = 0.2
 
@@ -79,17 +82,23 @@ def build_application(app: ServeApplicationSchema) -> Application:
     return target(app.args or {})
 
 
-def start(config: ServeDeploySchema) -> tuple[list[str], bool]:
-    """Start Serve (joining a running instance if there is one) and every application.
+def build_all(config: ServeDeploySchema) -> list[tuple[ServeApplicationSchema, Application]]:
+    """Build every application here, before Ray starts: a bad import path or bad ``args`` fails
+    fast, and builders that prepare a model do it once, before any replica starts."""
+    return [(app, build_application(app)) for app in config.applications]
+
+
+def start(config: ServeDeploySchema,
+          apps: list[tuple[ServeApplicationSchema, Application]]) -> tuple[list[str], bool]:
+    """Start Serve (joining a running instance if there is one) and run the applications.
 
     Returns the application names and whether Serve had other applications already."""
     serve.start(proxy_location=config.proxy_location,
                 http_options=config.http_options.model_dump())
-    names = [app.name for app in config.applications]
+    names = [app.name for app, _ in apps]
     others = bool(set(serve.status().applications) - set(names))
-    for app in config.applications:
-        serve.run(build_application(app), blocking=False, name=app.name,
-                  route_prefix=app.route_prefix)
+    for app, application in apps:
+        serve.run(application, blocking=False, name=app.name, route_prefix=app.route_prefix)
     return names, others
 
 
@@ -142,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
-    except ConfigFileError as e:
+        apps = build_all(config)
+    except (ConfigFileError, ValidationError, DisaggError, ValueError, ImportError,
+            AttributeError) as e:
         _say(f"error: {e}")
         return 2
 
@@ -152,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.address, namespace="serve")
     # Installed after ray.init, which sets a SIGTERM handler of its own on drivers.
     signals.install()
-    try:
-        names, shared = start(config)
-    except ConfigFileError as e:
-        _say(f"error: {e}")
-        return 2
+    names, shared = start(config, apps)
     _say(f"serving {', '.join(names)} on http://{config.http_options.host}:"
          f"{config.http_options.port} (Ctrl-C or SIGTERM drains, a second one stops at once)")
     while not signals.stop.wait(1.0):

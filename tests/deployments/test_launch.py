@@ -46,6 +46,14 @@ def test_bad_config_file_exits_2_with_a_message(tmp_path):
     assert refused.wait(60) == 2
     assert "'deployments' or 'runtime_env'" in refused.stderr.read()
 
+    bad_args = tmp_path / "bad_args.yaml"  # fails while building, before Ray starts
+    bad_args.write_text(yaml.safe_dump({"applications": [{
+        "name": "disagg", "route_prefix": "/", "import_path": "deployments.app:app_builder",
+        "args": {"model": "no-such-model"}}]}))
+    unknown = launch(bad_args, stderr=subprocess.PIPE)
+    assert unknown.wait(60) == 2
+    assert "no-such-model" in unknown.stderr.read()
+
 
 def _config(path: Path, port: int) -> Path:
     path.write_text(yaml.safe_dump({
