@@ -6,6 +6,7 @@ so these tests do not use the session's Serve app.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -91,28 +92,39 @@ def _replica_log(ray_tmp: Path, deployment: str) -> str:
     return "".join(p.read_text() for p in logs)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_stream_drains_then_stops(sig, tmp_path):
+@contextlib.contextmanager
+def _launched(tmp_path: Path):
+    """The launcher on a fresh port, with a Ray instance of its own; yields (process, base URL,
+    Ray temp dir, launcher log path) once the app is ready, and kills what is left after."""
     port = _free_port()
     config = _config(tmp_path / "app.yaml", port)
     # A short temp dir of its own (Ray's socket paths are length-limited): a Ray instance apart
-    # from the session's, and replica logs this test can read after the launcher exits.
+    # from the session's, and replica logs a test can read after the launcher exits.
     ray_tmp = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
-    log = (tmp_path / "launcher.log").open("w")
-    proc = launch(config, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "launcher.log"
+    with log_path.open("w") as log:
+        proc = launch(config, env=env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(base, proc)
+            yield proc, base, ray_tmp, log_path
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _stream(base: str, max_tokens: int, signals: dict[int, int], proc: subprocess.Popen):
+    """Stream a disaggregated completion, sending ``signals[n]`` to the launcher after chunk n.
+    Returns (chunks, finish_reason, whether [DONE] came); a cut stream just ends early."""
+    body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": max_tokens,
+            "temperature": 0, "prompt": "Tell me a long story about the sea. " * 4}
+    chunks, finish, done = 0, None, False
+    auth = {"authorization": f"Bearer {API_KEY}"}
     try:
-        _wait_ready(base, proc)
-        for headers in ({}, {"authorization": "Bearer wrong"}):  # the 401 of the status mapping
-            denied = httpx.get(f"{base}/v1/models", headers=headers, timeout=30)
-            assert denied.status_code == 401
-            assert denied.json()["error"]["code"] == "invalid_api_key"
-        auth = {"authorization": f"Bearer {API_KEY}"}
-        body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": MAX_TOKENS,
-                "temperature": 0, "prompt": "Tell me a long story about the sea. " * 4}
-        chunks, finish, done = 0, None, False
         with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=auth,
                           timeout=120) as r:
             assert r.status_code == 200
@@ -123,27 +135,44 @@ def test_signal_mid_stream_drains_then_stops(sig, tmp_path):
                 if line == "data: [DONE]":
                     done = True
                     break
-                chunk = json.loads(line[len("data: "):])
                 chunks += 1
-                finish = chunk["choices"][0]["finish_reason"] or finish
-                if chunks == 3:  # mid-stream: prefill done, KV pulled, decode running
-                    proc.send_signal(sig)
+                finish = json.loads(line[len("data: "):])["choices"][0]["finish_reason"] or finish
+                if chunks in signals:
+                    proc.send_signal(signals[chunks])
+    except httpx.RemoteProtocolError:
+        pass  # cut by the server
+    return chunks, finish, done
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_stream_drains_then_stops(sig, tmp_path):
+    with _launched(tmp_path) as (proc, base, ray_tmp, log_path):
+        for headers in ({}, {"authorization": "Bearer wrong"}):  # the 401 of the status mapping
+            denied = httpx.get(f"{base}/v1/models", headers=headers, timeout=30)
+            assert denied.status_code == 401
+            assert denied.json()["error"]["code"] == "invalid_api_key"
+        # mid-stream (chunk 3): prefill done, KV pulled, decode running
+        result = _stream(base, MAX_TOKENS, {3: sig}, proc)
         # The stream was drained, not cut: every token, the finish reason, the [DONE] line.
-        assert (chunks, finish, done) == (MAX_TOKENS, "length", True)
+        assert result == (MAX_TOKENS, "length", True)
         assert proc.wait(180) == 0  # liveness deadline for drain + shutdown
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-    out = (tmp_path / "launcher.log").read_text()
+        prefill_log = _replica_log(ray_tmp, "PrefillServer")
+        decode_log = _replica_log(ray_tmp, "DecodeServer")
+    out = log_path.read_text()
     assert "draining" in out and re.search(r"drained in [\d.]+ s", out), out[-3000:]
     # The replicas' own counters as they stopped: no lease left, every KV block free.
-    prefill_log = _replica_log(ray_tmp, "PrefillServer")
-    decode_log = _replica_log(ray_tmp, "DecodeServer")
-    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "0 KV leases outstanding" in prefill_log
     decode = re.search(r"DecodeServer stopping: (\d+)/(\d+) KV blocks free, unfinished "
                        r"requests: (\w+)", decode_log)
     assert decode, "the decode replica did not log its stop"
     assert decode[1] == decode[2] and decode[3] == "False"
+
+
+def test_second_signal_stops_without_waiting(tmp_path):
+    long = 400  # tens of seconds of decoding on 2 cores: the drain would wait for all of it
+    with _launched(tmp_path) as (proc, base, _, log_path):
+        chunks, _, done = _stream(base, long, {3: signal.SIGTERM, 6: signal.SIGTERM}, proc)
+        assert proc.wait(120) == 1  # liveness deadline; 1: the drain was cut short
+    assert chunks < long and not done
+    out = log_path.read_text()
+    assert "second signal" in out and "drain cut short" in out, out[-3000:]
