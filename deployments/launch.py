@@ -10,7 +10,10 @@ first step, so every stream still in flight is cut. This launcher drains first:
 2. DRAINING: ``serve.delete`` on each application. Serve stops routing new requests to them
    (the proxy stays up) and each replica finishes the requests it holds before it stops, up
    to its ``graceful_shutdown_timeout_s`` (``drain_timeout_s`` of the app config). Streams end
-   normally; decode pulls the KV it was promised, so prefill leases are released.
+   normally; decode pulls the KV it was promised, so prefill leases are released. New
+   requests get the proxy's 404 (the route is gone); one caught between ingress and a decode
+   replica that already stopped gets a 503, and one whose prefill replica already stopped is
+   prefilled by decode.
 3. STOPPED: once the applications are gone (or a second signal, or ``--drain-timeout-s``),
    Serve and Ray are shut down if this process started them; on a cluster it joined, only its
    own applications were removed.
