@@ -351,7 +351,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="tile config JSON to time instead of the table's (tuning runs)")
     parser.add_argument("--best-out", type=Path, default=None,
-                        help="--sweep: write the fastest config here as JSON")
+                        help="--sweep: write the config fastest at the largest --sweep-sizes "
+                             "length here as JSON (it may be slower at shorter lengths)")
     add_provenance_args(parser)
     args = parser.parse_args()
     torch.manual_seed(0)

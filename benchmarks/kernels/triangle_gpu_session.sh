@@ -3,6 +3,8 @@
 # Run from the repo root; logs and JSON go to $OUT (default ./gpu_out). The machine has no .git:
 # pass the commit in DISAGG_COMMIT (and DISAGG_DIRTY=1 for an uncommitted tree).
 #   STEPS="tests sweep bench" bash benchmarks/kernels/triangle_gpu_session.sh
+# After a sweep in the same call, bench times the sweep's pick (fastest at the largest sweep
+# length only), not the tile table: run bench alone to time the table.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 STEPS=${STEPS:-"tests bench"}
