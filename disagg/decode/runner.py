@@ -1,12 +1,16 @@
 """The decode model runner: one forward for a scheduled batch, then sampling.
 
 Life of one batch here:
-1. Order the sequences decode rows first (``PagedAttention``'s layout), flatten their new
-   tokens into ``input_ids``/``positions``, and build the attention metadata.
-2. One model forward (``num_forwards`` counts them); logits only for the rows that end a
-   sequence's known tokens.
-3. Sample each of those rows with the request's seed and generated-token index, so a token
-   does not depend on the batch it was computed in, nor on which worker sampled it.
+1. Order the sequences decode rows first (``PagedAttention``'s layout).
+2. Pure decode on CUDA (every sequence has one new token, at most ``max_num_seqs``): stage the
+   rows into persistent buffers padded to a captured size and replay its CUDA graph
+   (``cuda_graphs.py``): no tensor is built from Python lists and nothing waits for the device.
+   Anything else (local-prefill chunks in the batch, or the CPU): flatten the new tokens,
+   build the metadata with ``PagedAttention.build`` and run the model eagerly.
+3. Logits only for the rows that end a sequence's known tokens; every such row is sampled on
+   the device with the request's seed and generated-token index (``sampler.py``), so a token
+   does not depend on the batch it was computed in, nor on which worker sampled it. The batch's
+   tokens come back in one device-to-host transfer.
 """
 
 from __future__ import annotations
@@ -14,25 +18,66 @@ from __future__ import annotations
 import torch
 
 from disagg.attention.paged import PagedAttention, SequenceSlice
-from disagg.decode.scheduler import SchedulerOutput
+from disagg.decode.cuda_graphs import DecodeGraphs, DecodeInputs, graph_batch_sizes
+from disagg.decode.sampler import RowRequest, Sampler
+from disagg.decode.scheduler import ScheduledSequence, SchedulerOutput
 from disagg.kv.paged_cache import PagedKVCache
 from disagg.models.llama import LlamaForCausalLM
-from disagg.sampling import SampledToken, sample
+from disagg.sampling import SampledToken
 
 
 class ModelRunner:
     """Runs the model over the paged cache."""
 
-    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache):
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, *,
+                 max_num_seqs: int = 64):
         self.model = model
         self.cache = cache
         self.device = cache.device
         self.num_forwards = 0
+        self.max_num_seqs = max_num_seqs
+        self.sampler = Sampler(max(max_num_seqs, 1), self.device)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda":
+            inputs = DecodeInputs(cache, max_num_seqs)
+            self.graphs = DecodeGraphs(model, inputs, graph_batch_sizes(max_num_seqs))
+
+    def capture_graphs(self) -> None:
+        """Compile the decode kernels and capture the CUDA graphs of every decode batch size
+        (the engine's warm-up; without it pure-decode steps run the same forward eagerly)."""
+        if self.graphs is not None:
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> dict[str, SampledToken]:
         """Forward ``batch`` once; return the sampled token of every sequence that got one."""
+        to_sample, logits = self.forward_logits(batch)
+        if not to_sample:
+            return {}
+        tokens = self.sampler.sample(logits, [RowRequest(s.params, s.seed, s.sample_step)
+                                              for s in to_sample])
+        return {s.request_id: t for s, t in zip(to_sample, tokens)}
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: SchedulerOutput
+                       ) -> tuple[list[ScheduledSequence], torch.Tensor]:
+        """One forward: the sequences that sample, and fp32 logits ``[R, V]`` whose first rows
+        are theirs, in that order (rows past them are padding)."""
         sequences = sorted(batch.sequences, key=lambda s: len(s.token_ids) > 1)
+        sampled = [i for i, s in enumerate(sequences) if s.sample_step is not None]
+        self.num_forwards += 1
+        padded = self.graphs.padded_size(len(sequences)) if self.graphs else None
+        if padded is not None and all(len(s.token_ids) == 1 for s in sequences):
+            self.graphs.inputs.stage(sequences, padded)
+            logits = self.graphs.run(padded)
+            if len(sampled) < len(sequences):  # a one-token prompt chunk that ends mid-prompt
+                logits = logits[torch.tensor(sampled, device=self.device)]
+        else:
+            logits = self._eager_logits(sequences, sampled)
+        return [sequences[i] for i in sampled], logits
+
+    def _eager_logits(self, sequences: list[ScheduledSequence], sampled: list[int]
+                      ) -> torch.Tensor:
         input_ids = torch.tensor([t for s in sequences for t in s.token_ids],
                                  dtype=torch.long, device=self.device)
         positions = torch.cat([
@@ -42,12 +87,5 @@ class ModelRunner:
             SequenceSlice(s.num_computed_tokens, len(s.token_ids), s.block_table)
             for s in sequences])
         hidden = self.model(input_ids, positions, metadata)
-        self.num_forwards += 1
         last_rows = torch.tensor([len(s.token_ids) for s in sequences]).cumsum(0) - 1
-        to_sample = [i for i, s in enumerate(sequences) if s.sample_step is not None]
-        if not to_sample:
-            return {}
-        logits = self.model.compute_logits(hidden[last_rows[to_sample].to(self.device)])
-        return {sequences[i].request_id: sample(row, sequences[i].params, sequences[i].seed,
-                                                sequences[i].sample_step)
-                for i, row in zip(to_sample, logits)}
+        return self.model.compute_logits(hidden[last_rows[sampled].to(self.device)])

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from .configs import pick_num_splits
 from .reference import paged_decode_reference, slots_of, store_kv_reference
 
 __all__ = [
     "paged_decode_attention",
     "paged_decode_reference",
+    "pick_num_splits",
     "slots_of",
     "store_kv",
     "store_kv_reference",

@@ -1,5 +1,5 @@
-"""Typed launchers of the paged decode kernels: check inputs, choose tiles and splits (the one
-place where they are chosen), launch.
+"""Typed launchers of the paged decode kernels: check inputs, take tiles and splits from
+``configs.py``, launch.
 
 Layouts: q ``[B, Hq, D]`` (head_dim contiguous), caches ``[num_blocks * block_size, Hkv, D]``
 (rows of ``Hkv * D`` contiguous elements, the layout of ``disagg/kv/paged_cache.py``),
@@ -10,53 +10,17 @@ Layouts: q ``[B, Hq, D]`` (head_dim contiguous), caches ``[num_blocks * block_si
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 
+from .configs import MAX_SPLITS, DecodeTileConfig, pick_config, pick_num_splits
 from .kernel import _merge_splits, _paged_decode_fwd, _store_kv
 from .reference import check_decode_inputs
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64
-PROGRAMS_PER_SM = 4  # split until the grid holds this many programs per multiprocessor
 STORE_BLOCK_T = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass(frozen=True)
-class DecodeTileConfig:
-    """Launch shape of ``_paged_decode_fwd``."""
-
-    block_n: int  # keys per tile, power of two >= 16
-    num_warps: int
-    num_stages: int
-
-    def __post_init__(self) -> None:
-        if self.block_n < 16 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
-
-
-# H200 entries: first guesses, re-checked by `benchmarks/decode_itl.py --sweep` (RESULTS.md).
-GPU_CONFIGS = {128: DecodeTileConfig(64, 4, 2), 64: DecodeTileConfig(64, 4, 2)}
-INTERPRETER = DecodeTileConfig(16, 4, 1)  # small tiles: CPU tests cross tile and split edges
-
-
-def pick_config(device: torch.device, head_dim: int) -> DecodeTileConfig:
-    if device.type != "cuda":
-        return INTERPRETER
-    return GPU_CONFIGS.get(head_dim, DecodeTileConfig(64, 4, 2))
-
-
-def pick_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
-    """Key splits per (sequence, KV head): a function of the batch shape only (never of the
-    lengths), so that a captured graph serves every length."""
-    if device.type == "cuda":
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 8  # the interpreter: a few splits, so CPU tests merge them
-    return max(1, min(MAX_SPLITS, -(-target // max(1, batch * num_kv_heads))))
 
 
 def paged_decode_attention_triton(
@@ -67,8 +31,8 @@ def paged_decode_attention_triton(
 ) -> torch.Tensor:
     """Paged decode attention with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1).
 
-    Same contract as ``paged_decode_attention``. ``num_splits`` and ``config`` override the
-    choices above (tests, tuning); ``out`` is an optional destination, every element of which
+    Same contract as ``paged_decode_attention``. ``num_splits`` and ``config`` override
+    ``configs.py``'s choices (tests, tuning); ``out`` is an optional destination, every element of which
     the call writes.
     """
     check_decode_inputs(q, k_cache, v_cache, block_tables, context_lens, block_size)
@@ -88,6 +52,8 @@ def paged_decode_attention_triton(
     group = num_heads_q // num_heads_kv
     cfg = config or pick_config(q.device, head_dim)
     splits = num_splits or pick_num_splits(batch, num_heads_kv, q.device)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -112,7 +78,7 @@ def paged_decode_attention_triton(
     if splits > 1:
         _merge_splits[(batch * num_heads_q,)](
             ws_out, ws_lse, out, out.stride(0), out.stride(1), num_heads_q, splits,
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_S=MAX_SPLITS, num_warps=4,
         )
     return out
 

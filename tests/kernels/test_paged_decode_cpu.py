@@ -15,9 +15,9 @@ import torch
 pytest.importorskip("triton")
 
 from disagg_kernels.paged_decode import paged_decode_reference, slots_of, store_kv_reference
+from disagg_kernels.paged_decode.configs import pick_num_splits
 from disagg_kernels.paged_decode.launcher import (
     paged_decode_attention_triton,
-    pick_num_splits,
     store_kv_triton,
 )
 
