@@ -51,7 +51,7 @@ class DecodeEngine:
             remote_timeout_s=config.remote_kv_timeout_s, clock=clock)
         eos = model.config.eos_token_ids if config.eos_token_ids is None else config.eos_token_ids
         self.scheduler = Scheduler(config, self.pool, arrivals, tuple(eos))
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, max_num_seqs=config.max_num_seqs)
 
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request whose prompt this engine prefills itself."""
@@ -100,3 +100,9 @@ class DecodeEngine:
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
+
+    def warm_up(self) -> None:
+        """Compile the decode kernels and capture the CUDA graphs of every decode batch size
+        (nothing to do on CPU). Call once, before the engine takes requests: the first
+        request then pays no compilation."""
+        self.runner.capture_graphs()
