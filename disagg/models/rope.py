@@ -1,8 +1,10 @@
 """Rotary position embeddings: default, linear and "llama3" frequency scaling.
 
-Frequencies are computed in fp32 and the angles from absolute positions per call, so any
-position up to the context length works without a precomputed table; the arithmetic follows
-transformers' so fp32 results agree to rounding.
+Frequencies are computed in fp32 and the angles from absolute positions once per forward call
+(``rope_cos_sin``: ``[T, head_dim // 2]`` fp32, shared by every layer), so any position up to
+the context length works without a precomputed table; the arithmetic follows transformers' so
+fp32 results agree to rounding. The rotation itself is a fused op (``disagg_kernels.fused``):
+in place, in fp32, without building the rotated copy.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from disagg_kernels import fused
 
 from disagg.models.config import RopeConfig
 
@@ -40,17 +43,16 @@ def _llama3_scaling(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(
-    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[T, 1, head_dim]`` for absolute ``positions [T]``."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos, sin ``[T, head_dim // 2]`` for absolute ``positions [T]`` (kept in fp32:
+    rounding them to bf16 would put a relative error of 4e-3 into every rotation)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+    return freqs.cos(), freqs.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, H, D]`` (rotate-half convention, as the HF checkpoints expect)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` in place (rotate-half convention, as the
+    HF checkpoints expect)."""
+    fused.rope(q, cos, sin)
+    fused.rope(k, cos, sin)
