@@ -103,7 +103,7 @@ class SimpleGenerator:
         positions = torch.arange(start, start + num_tokens, device=self.device)
         if start == 0:  # the prompt: written into views of the cache
             kv = PackedKV(k=[k[:num_tokens] for k in cache.k], v=[v[:num_tokens] for v in cache.v])
-            metadata = PrefillAttention(kv=kv, scale=self.model.scale, trianglemix=self.trianglemix)
+            metadata = PrefillAttention(kv, num_tokens, self.model.scale, self.trianglemix)
         else:
             metadata = ContiguousAttention(cache=cache, start=start, scale=self.model.scale)
         hidden = self.model(tokens, positions, metadata)

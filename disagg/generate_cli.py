@@ -17,18 +17,14 @@ import torch
 
 from disagg.attention.triangle import TriangleMixConfig, published_trianglemix
 from disagg.cli import check_text_prompt
-from disagg.decode.config import DecodeConfig
-from disagg.decode.engine import DecodeEngine
 from disagg.errors import InvalidRequestError
 from disagg.generate import GenerationStats, SimpleGenerator
+from disagg.inprocess import InProcessDisaggregated
 from disagg.models.llama import LlamaForCausalLM
 from disagg.models.loader import load_model, load_tokenizer, resolve_model
 from disagg.output import OutputProcessor
-from disagg.pd import InProcessDisaggregated
-from disagg.prefill.engine import PrefillEngine
 from disagg.request import EngineRequest
 from disagg.sampling import SampledToken, SamplingParams
-from disagg.transport.inprocess import InProcessKVReceiver, InProcessKVSender
 
 
 def _trianglemix(args: argparse.Namespace, source) -> TriangleMixConfig | None:
@@ -47,11 +43,9 @@ def _token_stream(args, model: LlamaForCausalLM, name: str, request: EngineReque
         generator = SimpleGenerator(model, trianglemix=trianglemix)
         return (SampledToken(t) for t in generator.generate(
             request.prompt_token_ids, request.params, stats, seed=request.seed))
-    sender = InProcessKVSender()
-    prefill = PrefillEngine(model, model_name=name, trianglemix=trianglemix, sender=sender)
-    decode = DecodeEngine(model, DecodeConfig(), model_name=name,
-                          receiver=InProcessKVReceiver(sender))
-    return InProcessDisaggregated(prefill, decode, model.config.eos_token_ids).generate(request)
+    pipeline = InProcessDisaggregated.build(model, model_name=name, trianglemix=trianglemix,
+                                            eos_token_ids=model.config.eos_token_ids)
+    return pipeline.generate(request)
 
 
 def run_generate(args: argparse.Namespace, cache_dir: Path) -> int:

@@ -18,12 +18,12 @@ from disagg.decode.config import DecodeConfig
 from disagg.decode.engine import DecodeEngine
 from disagg.errors import KVMismatchError
 from disagg.generate import SimpleGenerator
+from disagg.inprocess import InProcessDisaggregated
 from disagg.models.loader import ModelSource, load_model
-from disagg.pd import InProcessDisaggregated
 from disagg.prefill.engine import PrefillEngine
 from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
-from disagg.transport.inprocess import InProcessKVReceiver, InProcessKVSender
+from disagg.transport.direct import DirectKVReceiver, DirectKVSender
 
 NAME = "smollm2-135m-instruct"
 PROMPT = ("The history of the lighthouse begins in ancient times. Fires were lit on hills to "
@@ -41,11 +41,18 @@ def smollm2():
 
 
 def pipeline(model, trianglemix=None, model_name=NAME) -> InProcessDisaggregated:
-    sender = InProcessKVSender()
-    prefill = PrefillEngine(model, model_name=model_name, trianglemix=trianglemix, sender=sender)
+    prefill = PrefillEngine(model, model_name=model_name, trianglemix=trianglemix,
+                            senders=(DirectKVSender(),))
     decode = DecodeEngine(model, DecodeConfig(num_blocks=256), model_name=NAME,
-                          receiver=InProcessKVReceiver(sender))
+                          receivers=(DirectKVReceiver(),))
     return InProcessDisaggregated(prefill, decode, model.config.eos_token_ids)
+
+
+def assert_nothing_held(pd: InProcessDisaggregated) -> None:
+    """Every block back in the pool, none fenced, no request left (read between steps)."""
+    free, total, fenced, unfinished = pd.run_on_engine(lambda e: (
+        e.num_free_blocks, e.num_total_blocks, e.num_fenced_blocks, e.has_unfinished()))
+    assert (free, fenced, unfinished) == (total, 0, False)
 
 
 def request(ids, max_tokens=32, **kw) -> EngineRequest:
@@ -68,8 +75,9 @@ def test_disaggregated_greedy_equals_colocated_and_transformers(smollm2):
     assert checked >= 24
     assert ours[:checked] == out.sequences[0, len(ids):].tolist()[:checked]
     assert ours == colocated
-    assert pd.prefill.sender.num_leases == 0
-    assert pd.decode.num_free_blocks == pd.decode.num_total_blocks
+    assert_nothing_held(pd)
+    assert pd.last_timing.backend == "inprocess"
+    assert pd.last_timing.kv_bytes == len(ids) * pd.decode.layout.bytes_per_token
 
 
 def test_trianglemix_disaggregated_equals_colocated_with_trianglemix(smollm2):
@@ -94,8 +102,7 @@ def test_mismatched_fingerprint_is_rejected_and_nothing_leaks(smollm2):
     pd = pipeline(model, model_name="some-other-model")
     with pytest.raises(KVMismatchError, match="model"):
         list(pd.generate(request(tokenizer(PROMPT)["input_ids"], temperature=0.0)))
-    assert pd.prefill.sender.num_leases == 0
-    assert pd.decode.num_free_blocks == pd.decode.num_total_blocks
+    assert_nothing_held(pd)
 
 
 def test_closing_the_stream_early_aborts_on_both_sides(smollm2):
@@ -104,8 +111,7 @@ def test_closing_the_stream_early_aborts_on_both_sides(smollm2):
     stream = pd.generate(request(tokenizer(PROMPT)["input_ids"], temperature=0.0))
     next(stream), next(stream)
     stream.close()
-    assert pd.prefill.sender.num_leases == 0
-    assert pd.decode.num_free_blocks == pd.decode.num_total_blocks
+    assert_nothing_held(pd)
 
 
 def test_cli_disaggregated_matches_colocated():

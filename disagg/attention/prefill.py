@@ -1,15 +1,19 @@
-"""Attention metadata of one prefill forward: writes the prompt's KV in packed form and runs
-each layer's attention kind (dense, or Triangle for TriangleMix's deep layers).
+"""Attention metadata of one prefill forward: hands each layer's K/V to a sink and runs each
+layer's attention kind (dense, or Triangle for TriangleMix's deep layers).
 
-The prompt's K/V are written straight into the ``PackedKV`` buffers (which may be views into
-a larger cache), so the KV the prefill produces is already in the form it is shipped in.
+The sink takes a layer's K/V the moment they are computed: a ``PackedKV`` keeps them (local
+use), a KV writer of the hand-off moves them to decode's reserved rows while the next layers
+run. Between layers the forward checks ``cancelled``: a request cancelled mid-prefill stops
+at the next layer boundary (``PrefillCancelled``), and no later layer is written anywhere.
 Query rows ``q_start ..`` of a prompt of ``num_prompt_tokens`` tokens: the whole prompt today;
 a sequence-parallel shard later, with the same contract.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from disagg_kernels.triangle_mix import triangle_attention
@@ -17,20 +21,28 @@ from disagg_kernels.triangle_mix import triangle_attention
 from disagg.attention.dense import dense_attention
 from disagg.attention.metadata import AttentionKind
 from disagg.attention.triangle import TriangleMixConfig
-from disagg.kv.layout import PackedKV
+from disagg.errors import DisaggError
+
+
+class PrefillCancelled(DisaggError):
+    """The request was cancelled while its prefill ran; it stopped at a layer boundary."""
+
+
+class KVSink(Protocol):
+    """Takes one layer's K/V ``[N, Hkv, D]`` as soon as it is computed."""
+
+    def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
 class PrefillAttention:
     """Metadata of a forward over all ``num_prompt_tokens`` tokens of one prompt."""
 
-    kv: PackedKV
+    sink: KVSink
+    num_prompt_tokens: int
     scale: float
     trianglemix: TriangleMixConfig | None = None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.kv.num_tokens
+    cancelled: Callable[[], bool] | None = None
 
     def kind(self, layer_idx: int) -> AttentionKind:
         if self.trianglemix is None:
@@ -40,8 +52,9 @@ class PrefillAttention:
     def attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
         if q.shape[0] != self.num_prompt_tokens:
             raise ValueError(f"prefill of {q.shape[0]} rows, KV buffers of {self.num_prompt_tokens}")
-        self.kv.k[layer_idx].copy_(k)
-        self.kv.v[layer_idx].copy_(v)
+        if self.cancelled is not None and self.cancelled():
+            raise PrefillCancelled(f"prefill cancelled before layer {layer_idx}")
+        self.sink.write_layer(layer_idx, k, v)
         if self.kind(layer_idx) is AttentionKind.TRIANGLE:
             out, _ = triangle_attention(q, k, v, num_tokens=self.num_prompt_tokens,
                                         params=self.trianglemix.params, scale=self.scale)

@@ -23,10 +23,9 @@ class DecodeConfig:
     """Most sequences running (one row each in every decode forward)."""
     max_num_batched_tokens: int = 2048
     """Most tokens in one forward; longer local prefills are chunked to fit."""
-    kv_pull_timeout_s: float = 30.0
-    """Deadline of one KV pull, from ``kv_ready`` until the KV is in the pool."""
-    remote_kv_timeout_s: float = 600.0
-    """Deadline of a remote request from ``add_remote_request`` to ``kv_ready``."""
+    remote_kv_timeout_s: float = 300.0
+    """Deadline of a remote request, from ``add_remote_request`` until its KV is usable (its
+    KV destination expires with it: no prefill writes there afterwards)."""
     eos_token_ids: tuple[int, ...] | None = None
     """End-of-sequence ids; None: the model config's."""
 
@@ -44,8 +43,8 @@ class DecodeConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Every running sequence gets its decode row in every forward.
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
-        if self.kv_pull_timeout_s <= 0 or self.remote_kv_timeout_s <= 0:
-            raise ValueError("timeouts must be positive")
+        if self.remote_kv_timeout_s <= 0:
+            raise ValueError("remote_kv_timeout_s must be positive")
 
     def resolve_num_blocks(self, layout: KVLayout) -> int:
         """Blocks of the pool for a model of this KV layout."""

@@ -3,10 +3,13 @@
 Life of a request in it:
 1. ``add_request`` (short prompt: decode prefills it itself, densely) or
    ``add_remote_request`` (long prompt: blocks for its KV are reserved now; WAITING_FOR_REMOTE_KV).
-2. Remote only: ``kv_ready`` brings token 0 (sampled by prefill, delivered by the caller,
-   counted here but not emitted again) and the KV's handle and fingerprint. A mismatched
-   fingerprint raises ``KVMismatchError``; a token 0 that ends the request ends it now and
-   releases the lease; otherwise the pull starts and ``step`` polls it.
+2. Remote only: once its blocks are reserved, ``destination`` names where prefill writes its
+   KV (prefill must not start before). ``kv_complete`` brings token 0 (sampled by prefill,
+   delivered by the caller, counted here but not emitted again) and prefill's completion
+   record. A mismatched fingerprint raises ``KVMismatchError``; a token 0 that ends the request
+   ends it now; otherwise ``step`` polls the receiver until every layer is confirmed.
+   ``writer_done`` tells the engine that the prefill call ended (rows of an aborted request
+   are fenced until then, or until their destination expires).
 3. ``step``: schedule -> one forward for every running sequence and admitted prefill ->
    sample and update. Returns a ``TokenOutput`` per new token and per end.
 4. The request ends on a stop id, EOS, max_tokens, a failed or mismatched pull (finish reason
@@ -24,19 +27,20 @@ from disagg.decode.request import TokenOutput
 from disagg.decode.runner import ModelRunner
 from disagg.decode.scheduler import Scheduler
 from disagg.kv.block_pool import BlockPool, BlockTable
-from disagg.kv.layout import KVFingerprint, KVLayout
+from disagg.kv.layout import KVLayout
 from disagg.kv.paged_cache import PagedKVCache
 from disagg.models.llama import LlamaForCausalLM
 from disagg.request import EngineRequest
 from disagg.sampling import SampledToken
-from disagg.transport.base import KVHandle, KVReceiver
+from disagg.transport.base import KVCompletion, KVDestination, KVReceiver
+from disagg.transport.receivers import ReceiverSet
 
 
 class DecodeEngine:
     """Serves many requests at once from one paged KV pool."""
 
     def __init__(self, model: LlamaForCausalLM, config: DecodeConfig, *, model_name: str,
-                 receiver: KVReceiver | None = None,
+                 receivers: tuple[KVReceiver, ...] = (),
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.layout = KVLayout.of_model(model)
@@ -44,11 +48,13 @@ class DecodeEngine:
         num_blocks = config.resolve_num_blocks(self.layout)
         self.pool = BlockPool(num_blocks, config.block_size)
         self.cache = PagedKVCache(self.layout, num_blocks, config.block_size, device)
-        self.receiver = receiver
+        self.receivers = ReceiverSet(receivers) if receivers else None
+        if self.receivers is not None:
+            self.receivers.attach(self.cache)
         arrivals = KVArrivalTracker(
-            receiver, self.pool, self.cache, KVExpectation(model_name, self.layout),
-            pull_timeout_s=config.kv_pull_timeout_s,
+            self.receivers, self.pool, KVExpectation(model_name, self.layout),
             remote_timeout_s=config.remote_kv_timeout_s, clock=clock)
+        self.arrivals = arrivals
         eos = model.config.eos_token_ids if config.eos_token_ids is None else config.eos_token_ids
         self.scheduler = Scheduler(config, self.pool, arrivals, tuple(eos))
         self.runner = ModelRunner(model, self.cache, max_num_seqs=config.max_num_seqs)
@@ -59,18 +65,29 @@ class DecodeEngine:
 
     def add_remote_request(self, request: EngineRequest) -> None:
         """Reserve blocks for a request whose KV a prefill engine will produce."""
-        if self.receiver is None:
+        if self.receivers is None:
             raise ValueError("this decode engine has no KV receiver: it cannot take remote KV")
         self.scheduler.add_remote(request)
 
-    def kv_ready(self, request_id: str, handle: KVHandle, first_token: SampledToken,
-                 fingerprint: KVFingerprint) -> None:
-        """Prefill finished ``request_id``: check its fingerprint, count token 0, pull its KV."""
-        self.scheduler.kv_ready(request_id, handle, first_token, fingerprint)
+    def destinations(self, request_id: str) -> tuple[KVDestination, ...]:
+        """Where prefill may write ``request_id``'s KV, one offer per receiver in order of
+        preference; empty until its blocks are reserved (or once it no longer waits)."""
+        return self.scheduler.destinations(request_id)
 
-    def abort(self, request_id: str) -> None:
-        """End a request in any state (no output follows); unknown ids are ignored."""
-        self.scheduler.abort(request_id)
+    def kv_complete(self, request_id: str, first_token: SampledToken,
+                    completion: KVCompletion) -> None:
+        """Prefill wrote every layer: check the record, count token 0, finish receiving."""
+        self.scheduler.kv_complete(request_id, first_token, completion)
+
+    def writer_done(self, request_id: str) -> None:
+        """The prefill call of ``request_id`` ended: fenced rows of it may return to the pool."""
+        self.scheduler.writer_done(request_id)
+
+    def abort(self, request_id: str, *, fence_grace_s: float | None = None) -> None:
+        """End a request in any state (no output follows); unknown ids are ignored.
+        ``fence_grace_s``: its prefill was cancelled while it may still write; its rows stay
+        fenced that long at most (else until ``writer_done`` or its destination's expiry)."""
+        self.scheduler.abort(request_id, fence_grace_s=fence_grace_s)
 
     def step(self) -> list[TokenOutput]:
         batch = self.scheduler.schedule()
@@ -88,6 +105,11 @@ class DecodeEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
+
+    @property
+    def num_fenced_blocks(self) -> int:
+        """Blocks of ended requests held until no prefill writer can touch them."""
+        return self.arrivals.num_fenced_blocks
 
     @property
     def num_total_blocks(self) -> int:

@@ -1,17 +1,19 @@
 """Remote requests on the decode side, from block reservation until their KV is in the pool.
 
 Life of a remote request here (it is WAITING_FOR_REMOTE_KV throughout):
-1. ``add``: blocks for its prompt and token 0 are reserved at once, or it queues (FIFO) until the pool has
-   them; the wait for ``kv_ready`` has a deadline (``remote_kv_timeout_s``).
-2. ``start_pull`` (after ``kv_ready``, once reserved): ``KVReceiver.start`` with a deadline
-   (``kv_pull_timeout_s``), which this tracker also enforces in case a receiver never reports.
-3. ``poll`` (every engine step): a DONE pull's header is checked again (defence in depth)
-   and its KV written into the reserved blocks: the request has *arrived*. Anything else --
-   FAILED, EXPIRED, ABORTED, a deadline passed, a mismatched header -- *fails* it.
-4. ``remove`` on every other exit: the request leaves the queues, and a lease it still holds
-   is released through the receiver (a pull started and aborted at once is how the receiver
-   protocol releases a lease it has not pulled).
-Blocks are freed by the scheduler, the one owner of a request's end.
+1. ``add``: blocks for its prompt and token 0 are reserved at once, or it queues (FIFO) until
+   the pool has them. Only once reserved does it get its ``KVDestination`` offers (each
+   receiver names the reserved rows): prefill is never called before that. One deadline
+   (``remote_kv_timeout_s``) covers the whole remote wait; the destination expires with it.
+2. ``complete`` (prefill's completion record, fingerprint already checked by the scheduler):
+   the receiver finishes receiving.
+3. ``poll`` (every engine step): DONE means every layer is confirmed in the reserved rows: the
+   request has *arrived*. FAILED, EXPIRED, ABORTED or the deadline passing *fails* it.
+4. ``remove`` on every other exit. Rows a writer may still be writing (a destination was handed
+   out, and neither a completion nor ``writer_done`` confirmed the writer stopped) are *fenced*:
+   they return to the pool only on ``writer_done`` or when the destination has expired (no
+   writer writes after that), so KV of a cancelled request can never land in another's blocks.
+Blocks of requests that end otherwise are freed by the scheduler, the one owner of an end.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from dataclasses import dataclass
 
 from disagg.decode.request import DecodeRequest
 from disagg.errors import DisaggError, KVMismatchError, KVTransferError
-from disagg.kv.block_pool import BlockPool, blocks_for
+from disagg.kv.block_pool import BlockPool, BlockTable, blocks_for
 from disagg.kv.layout import KVFingerprint, KVLayout
-from disagg.kv.paged_cache import PagedKVCache
-from disagg.transport.base import KVHandle, KVReceiver, ReceiveResult, TransferStatus
+from disagg.transport.base import KVCompletion, TransferStatus
+from disagg.transport.receivers import ReceiverSet
+
+# A copy queued just before its destination expired may still run for a moment after.
+_FENCE_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -51,20 +56,19 @@ class KVExpectation:
 
 
 class KVArrivalTracker:
-    """Reservation queue and in-flight pulls of remote requests."""
+    """Reservation queue, destinations, in-flight hand-offs and fenced rows."""
 
-    def __init__(self, receiver: KVReceiver | None, pool: BlockPool, cache: PagedKVCache,
-                 expectation: KVExpectation, *, pull_timeout_s: float, remote_timeout_s: float,
+    def __init__(self, receivers: ReceiverSet | None, pool: BlockPool,
+                 expectation: KVExpectation, *, remote_timeout_s: float,
                  clock: Callable[[], float]):
-        self.receiver = receiver
+        self.receivers = receivers
         self.expectation = expectation
         self._pool = pool
-        self._cache = cache
-        self._pull_timeout_s = pull_timeout_s
         self._remote_timeout_s = remote_timeout_s
         self._clock = clock
         self._reserving: deque[DecodeRequest] = deque()  # FIFO, no blocks yet
-        self._reserved: dict[str, DecodeRequest] = {}  # blocks held, KV not yet written
+        self._reserved: dict[str, DecodeRequest] = {}  # blocks held, KV not yet usable
+        self._fenced: dict[str, tuple[BlockTable, float]] = {}  # rows a writer may touch
 
     def add(self, req: DecodeRequest) -> None:
         req.deadline = self._clock() + self._remote_timeout_s
@@ -72,7 +76,8 @@ class KVArrivalTracker:
         self.reserve()
 
     def reserve(self) -> None:
-        """Reserve blocks for queued requests, first come first served."""
+        """Reserve blocks for queued requests, first come first served, and name each one's
+        destination."""
         while self._reserving:
             req = self._reserving[0]
             # Room for the prompt and token 0's K/V: an arrived request needs no new block.
@@ -81,33 +86,51 @@ class KVArrivalTracker:
                 return
             self._reserving.popleft()
             req.block_table = self._pool.allocate(num_blocks)
+            runs = tuple(req.block_table.slot_runs(self._pool.block_size, 0,
+                                                   req.num_prompt_tokens))
+            req.offers = self.receivers.destinations(
+                req.request_id, runs, req.num_prompt_tokens,
+                ttl_s=max(req.deadline - self._clock(), 0.0))
             self._reserved[req.request_id] = req
-            if req.remote is not None:
-                self.start_pull(req)
 
-    def is_reserved(self, req: DecodeRequest) -> bool:
-        return req.request_id in self._reserved
+    def complete(self, req: DecodeRequest, completion: KVCompletion) -> None:
+        req.kv_completed = True  # the writer has stopped: its rows need no fence
+        self.receivers.complete(completion)
 
-    def start_pull(self, req: DecodeRequest) -> None:
-        """Pull ``req``'s KV now if its blocks are reserved (else when they are)."""
-        if self.is_reserved(req) and not req.pull_started:
-            self.receiver.start(req.remote.handle, timeout_s=self._pull_timeout_s)
-            req.pull_started = True
-            req.deadline = self._clock() + self._pull_timeout_s
+    def fence_for(self, req: DecodeRequest, grace_s: float) -> None:
+        """``req`` was cancelled while its prefill may run: fence its rows for at most
+        ``grace_s`` (a cancelled writer stops at its next layer) instead of until expiry."""
+        req.fence_grace_s = grace_s
+
+    def writer_done(self, request_id: str) -> None:
+        """The prefill call of ``request_id`` ended: no writer can touch its rows any more."""
+        fenced = self._fenced.pop(request_id, None)
+        if fenced is not None:
+            self._pool.free(fenced[0])
+
+    @property
+    def num_fenced_blocks(self) -> int:
+        return sum(table.num_blocks for table, _ in self._fenced.values())
 
     def poll(self) -> tuple[list[DecodeRequest], list[tuple[DecodeRequest, DisaggError]]]:
-        """Requests whose KV arrived in their blocks, and requests that failed (with why)."""
-        arrived, failed = [], []
+        """Requests whose KV is usable in their blocks, and requests that failed (with why)."""
         now = self._clock()
+        for request_id in [r for r, (_, until) in self._fenced.items() if now > until]:
+            self.writer_done(request_id)
+        arrived, failed = [], []
         for req in [*self._reserving, *self._reserved.values()]:
-            if req.pull_started:
-                result = self.receiver.poll(req.request_id)
+            if req.kv_completed:
+                result = self.receivers.poll(req.request_id)
                 if result.status is TransferStatus.PENDING and now <= req.deadline:
                     continue
-                req.pull_started = False
-                req.remote = None  # the lease is gone: pulled, expired or released
-                error = self._accept(req, result) if result.status is TransferStatus.DONE \
-                    else self._transfer_error(req, result)
+                if result.status is TransferStatus.DONE:
+                    req.num_computed_tokens = req.num_prompt_tokens
+                    error = None
+                else:
+                    error = KVTransferError(
+                        f"KV hand-off of request {req.request_id!r} "
+                        f"{'timed out' if result.status is TransferStatus.PENDING else result.status.value}: "
+                        f"{result.error or 'no reason given'}")
             elif now > req.deadline:
                 error = KVTransferError(f"request {req.request_id!r}: no KV arrived within "
                                         f"{self._remote_timeout_s} s of routing")
@@ -120,53 +143,24 @@ class KVArrivalTracker:
                 failed.append((req, error))
         return arrived, failed
 
-    def remove(self, req: DecodeRequest) -> None:
-        """``req`` ends: forget it and release a lease it still holds."""
+    def remove(self, req: DecodeRequest) -> bool:
+        """``req`` ends: forget it. Returns False when its blocks are now fenced (this tracker
+        frees them later), True when the caller frees them."""
         self._drop(req)
-        if req.remote is not None:
-            if req.pull_started:
-                self.receiver.abort(req.request_id)
-            else:
-                self.release_lease(req.request_id, req.remote.handle)
-            req.remote = None
-            req.pull_started = False
-
-    def release_lease(self, request_id: str, handle: KVHandle) -> None:
-        """Release a lease nobody will pull (the receiver protocol releases through abort)."""
-        self.receiver.start(handle, timeout_s=self._pull_timeout_s)
-        self.receiver.abort(request_id)
+        if not req.offers:
+            return True
+        self.receivers.release(req.request_id)
+        fence = not req.kv_completed and req.block_table.num_blocks
+        if fence:
+            until = max(req.deadline, self._clock())
+            if req.fence_grace_s is not None:
+                until = min(until, self._clock() + req.fence_grace_s)
+            self._fenced[req.request_id] = (req.block_table, until + _FENCE_MARGIN_S)
+        req.offers = ()
+        return not fence
 
     def _drop(self, req: DecodeRequest) -> None:
-        self._reserved.pop(req.request_id, None)
+        if self._reserved.pop(req.request_id, None) is not None and req.kv_completed:
+            self.receivers.release(req.request_id)
         if req in self._reserving:
             self._reserving.remove(req)
-
-    def _accept(self, req: DecodeRequest, result: ReceiveResult) -> DisaggError | None:
-        """Check a delivered header and KV again and write the KV into ``req``'s blocks."""
-        header, kv, n = result.header, result.kv, req.num_prompt_tokens
-        error = self.expectation.mismatch(req.request_id, header.fingerprint, n)
-        if error is None and (header.request_id != req.request_id
-                              or header.first_token_id != req.token_ids[n]
-                              or kv is None or kv.num_tokens != n):
-            error = KVMismatchError(
-                f"KV delivered for request {req.request_id!r} does not match it: header of "
-                f"{header.request_id!r} with first token {header.first_token_id}, "
-                f"{None if kv is None else kv.num_tokens} rows; expected first token "
-                f"{req.token_ids[n]} and {n} rows")
-        if error is not None:
-            return error
-        try:
-            self._cache.write_packed(req.block_table, kv)
-        except KVMismatchError as e:
-            return KVMismatchError(f"KV for request {req.request_id!r}: {e}")
-        req.num_computed_tokens = n
-        return None
-
-    def _transfer_error(self, req: DecodeRequest, result: ReceiveResult) -> KVTransferError:
-        if result.status is TransferStatus.PENDING:  # our own deadline: the receiver is stuck
-            self.receiver.abort(req.request_id)
-            return KVTransferError(f"KV pull for request {req.request_id!r} did not finish "
-                                   f"within {self._pull_timeout_s} s")
-        return KVTransferError(f"KV pull for request {req.request_id!r} "
-                               f"{result.status.value}: {result.error or 'no reason given'}")
-

@@ -2,12 +2,13 @@
 
 Life of a request (statuses in order):
 1. WAITING_FOR_REMOTE_KV -- ``add_remote_request``: its prompt blocks are reserved (or it
-   waits, FIFO, for the pool to have them); ``kv_ready`` brings token 0 and starts the pull.
+   waits, FIFO, for the pool to have them), then its KV destination is named; prefill writes
+   there; ``kv_complete`` brings token 0 and prefill's completion record.
 2. WAITING -- queued for a forward: a local prompt (``add_request``), a remote request whose
    KV has arrived in its blocks, or a preempted request to be recomputed.
 3. RUNNING -- in every forward until it finishes: prefill chunks, then one decode row a step.
 4. FINISHED_* -- stop (EOS / stop id), length (max_tokens), aborted, or error (KV pull failed
-   or mismatched). Its blocks are back in the pool and its pull, if any, aborted.
+   or mismatched). Its blocks are back in the pool (or fenced until no writer can touch them).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from typing import Literal
 
 from disagg.errors import DisaggError
 from disagg.kv.block_pool import BlockTable
-from disagg.kv.layout import KVFingerprint
 from disagg.request import EngineRequest
 from disagg.sampling import SampledToken
-from disagg.transport.base import KVHandle
+from disagg.transport.base import KVDestination
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -73,14 +73,7 @@ class TokenOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: DisaggError | None = None
-
-
-@dataclass(frozen=True)
-class RemoteKV:
-    """What ``kv_ready`` brought for a remote request."""
-
-    handle: KVHandle
-    fingerprint: KVFingerprint
+    kv_recomputed: bool = False  # on the last output: remote KV was recomputed after preemption
 
 
 @dataclass(eq=False)
@@ -92,10 +85,12 @@ class DecodeRequest:
     token_ids: list[int] = field(default_factory=list)  # prompt + generated
     num_computed_tokens: int = 0  # tokens whose K/V are in this request's blocks
     block_table: BlockTable = field(default_factory=BlockTable)
-    remote: RemoteKV | None = None  # a lease this request still has to pull or release
-    pull_started: bool = False
+    offers: tuple[KVDestination, ...] = ()  # where prefill may write its KV (remote only)
+    kv_completed: bool = False  # prefill's completion record arrived: its writer has stopped
     kv_attention: str | None = None  # attention config of the prefill that made its KV
-    deadline: float | None = None  # of the remote wait (kv_ready, then the pull)
+    kv_recomputed: bool = False  # preempted after arrival: decode recomputed the KV densely
+    fence_grace_s: float | None = None  # cancelled mid-prefill: fence its rows this long
+    deadline: float | None = None  # of the remote wait (reservation until the KV is usable)
     error: DisaggError | None = None
 
     def __post_init__(self):

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 from disagg.decode.config import DecodeConfig
 from disagg.decode.kv_arrival import KVArrivalTracker
-from disagg.decode.request import DecodeRequest, RemoteKV, RequestStatus, TokenOutput
-from disagg.errors import DisaggError, PoolCapacityError
+from disagg.decode.request import DecodeRequest, RequestStatus, TokenOutput
+from disagg.errors import DisaggError, KVMismatchError, PoolCapacityError
 from disagg.kv.block_pool import BlockPool, BlockTable, blocks_for
-from disagg.kv.layout import KVFingerprint
 from disagg.request import EngineRequest
 from disagg.sampling import SampledToken, SamplingParams
-from disagg.transport.base import KVHandle
+from disagg.transport.base import KVCompletion, KVDestination
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,8 @@ class Scheduler:
         self._outputs: list[TokenOutput] = []  # ends decided between steps
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests) or bool(self._outputs)
+        """Requests, ends not yet reported, or fenced rows still to be freed."""
+        return bool(self.requests) or bool(self._outputs) or bool(self.arrivals.num_fenced_blocks)
 
     def add(self, request: EngineRequest) -> None:
         self._check_new(request)
@@ -87,17 +87,28 @@ class Scheduler:
         self.requests[request.request_id] = req
         self.arrivals.add(req)
 
-    def kv_ready(self, request_id: str, handle: KVHandle, first_token: SampledToken,
-                 fingerprint: KVFingerprint) -> None:
+    def kv_complete(self, request_id: str, first_token: SampledToken,
+                    completion: KVCompletion) -> None:
         req = self.requests.get(request_id)
-        if req is None:  # aborted while prefill ran: nobody will pull, so release now
-            self.arrivals.release_lease(request_id, handle)
+        if req is None:  # aborted while prefill ran: free what the hand-off still holds
+            self.arrivals.receivers.complete(completion)
+            self.arrivals.receivers.release(request_id)
+            self.arrivals.writer_done(request_id)
             return
-        if req.status is not RequestStatus.WAITING_FOR_REMOTE_KV or req.remote is not None:
+        if req.status is not RequestStatus.WAITING_FOR_REMOTE_KV or req.kv_completed \
+                or not req.offers:
             raise ValueError(f"request {request_id!r} is not waiting for remote KV")
-        req.remote = RemoteKV(handle, fingerprint)
-        req.kv_attention = fingerprint.attention
-        error = self.arrivals.expectation.mismatch(request_id, fingerprint, req.num_prompt_tokens)
+        self.arrivals.complete(req, completion)
+        header = completion.header
+        req.kv_attention = header.fingerprint.attention
+        error = self.arrivals.expectation.mismatch(request_id, header.fingerprint,
+                                                   req.num_prompt_tokens)
+        if error is None and (header.request_id != request_id
+                              or header.first_token_id != first_token.token_id):
+            error = KVMismatchError(
+                f"KV completion for request {request_id!r} does not match it: record of "
+                f"{header.request_id!r} with first token {header.first_token_id}, token 0 "
+                f"delivered was {first_token.token_id}")
         if error is not None:
             self._finish(req, RequestStatus.FINISHED_ERROR, error)
             raise error
@@ -106,12 +117,21 @@ class Scheduler:
         status = req.finish_status_after(first_token.token_id, self.eos_token_ids)
         if status is not None:
             self._finish(req, status)
-        else:
-            self.arrivals.start_pull(req)
 
-    def abort(self, request_id: str) -> None:
+    def destinations(self, request_id: str) -> tuple[KVDestination, ...]:
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.WAITING_FOR_REMOTE_KV:
+            return ()
+        return req.offers
+
+    def writer_done(self, request_id: str) -> None:
+        self.arrivals.writer_done(request_id)
+
+    def abort(self, request_id: str, *, fence_grace_s: float | None = None) -> None:
         req = self.requests.get(request_id)
         if req is not None:
+            if fence_grace_s is not None:
+                self.arrivals.fence_for(req, fence_grace_s)
             self._finish(req, RequestStatus.FINISHED_ABORTED, emit=False)
 
     def block_table(self, request_id: str) -> BlockTable | None:
@@ -161,7 +181,8 @@ class Scheduler:
             if status is not None:
                 self._finish(req, status, emit=False)
             outputs.append(TokenOutput(req.request_id, token, status is not None,
-                                       None if status is None else status.finish_reason))
+                                       None if status is None else status.finish_reason,
+                                       kv_recomputed=req.kv_recomputed))
         return outputs
 
     def _check_new(self, request: EngineRequest) -> None:
@@ -216,6 +237,8 @@ class Scheduler:
 
     def _preempt(self, req: DecodeRequest) -> None:
         self.running.remove(req)
+        if req.kv_attention is not None:  # remote KV: recomputed densely, and reported so
+            req.kv_recomputed = True
         self.pool.free(req.block_table)
         req.block_table = BlockTable()
         req.num_computed_tokens = 0
@@ -230,8 +253,8 @@ class Scheduler:
             self.running.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
-        self.arrivals.remove(req)
-        self.pool.free(req.block_table)
+        if self.arrivals.remove(req):  # else fenced: the tracker frees them when safe
+            self.pool.free(req.block_table)
         req.block_table = BlockTable()
         req.status, req.error = status, error
         if emit:

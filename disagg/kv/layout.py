@@ -90,6 +90,11 @@ class PackedKV:
     def num_tokens(self) -> int:
         return self.k[0].shape[0]
 
+    def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep one layer's K/V (the prefill's sink for local use)."""
+        self.k[layer].copy_(k)
+        self.v[layer].copy_(v)
+
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))

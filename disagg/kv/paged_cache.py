@@ -53,6 +53,16 @@ class PagedKVCache:
                 self.k[layer][slot:slot + n].copy_(packed.k[layer][token:token + n])
                 self.v[layer][slot:slot + n].copy_(packed.v[layer][token:token + n])
 
+    def write_runs(self, layer: int, runs, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy one layer's prompt rows ``k``, ``v`` ``[N, Hkv, D]`` into cache rows given as
+        runs ``(slot_start, token_start, num_tokens)`` (a KV destination's)."""
+        if k.shape[1:] != self.layout.row_shape or v.shape != k.shape:
+            raise KVMismatchError(f"received rows of shape {tuple(k.shape[1:])}; this cache "
+                                  f"holds rows of {self.layout.row_shape}")
+        for slot, token, n in runs:
+            self.k[layer][slot:slot + n].copy_(k[token:token + n])
+            self.v[layer][slot:slot + n].copy_(v[token:token + n])
+
     def read_packed(self, block_table: BlockTable, num_tokens: int) -> PackedKV:
         """The KV of positions ``0 .. num_tokens-1`` as a ``PackedKV`` (a copy)."""
         packed = PackedKV.empty(self.layout, num_tokens, self.device)

@@ -1,31 +1,36 @@
-"""Prefill engine: prompt -> first token + the prompt's complete KV cache + its fingerprint.
+"""Prefill engine: prompt -> first token, with the prompt's KV handed to a sink layer by layer.
 
 Life of a request here:
-1. ``prefill`` runs one forward over the prompt (dense layers + TriangleMix's Triangle layers),
-   writing every layer's K/V straight into a ``PackedKV``.
-2. Token 0 is sampled at the last position with the request's keyed seed (step 0), so it is
-   the token the local path would pick.
-3. The KV is tagged with a ``KVFingerprint`` (model, dtype, layout, attention, prompt length).
-4. ``prefill_and_publish`` hands the KV to the engine's ``KVSender`` under a lease, unless
-   token 0 already ends the request (EOS, a stop id, max_tokens = 1): then no lease is taken.
-The engine owns its sender; while un-pulled KV exceeds ``max_leased_bytes`` it refuses work.
+1. ``open_writer(offers)``: a KV writer for the first destination decode offered that one of
+   this engine's senders can reach (decode reserved the rows before the request came here).
+2. ``prefill(request, writer)`` runs one forward over the prompt (dense layers + TriangleMix's
+   Triangle layers); each layer's K/V go to the writer the moment they are computed, so the
+   transfer overlaps the remaining layers. ``cancelled`` is checked between layers.
+3. Token 0 is sampled at the last position with the request's keyed seed (step 0), so it is
+   the token the local path would pick; it is returned at once, before any write is confirmed.
+4. The caller then ``finish``es the writer (every layer confirmed: a ``KVCompletion`` tagged
+   with the ``KVFingerprint``) or ``abort``s it (token 0 ended the request, or it was cancelled).
+Without a writer, ``prefill`` keeps the KV in a ``PackedKV`` (local use, tests).
+The engine owns its senders; while un-pulled object-store KV exceeds ``max_leased_bytes`` it
+refuses work.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from disagg.attention.prefill import PrefillAttention
+from disagg.attention.prefill import KVSink, PrefillAttention
 from disagg.attention.triangle import TriangleMixConfig, attention_tag
-from disagg.errors import DisaggError
+from disagg.errors import DisaggError, KVTransferError
 from disagg.kv.layout import KVFingerprint, KVLayout, PackedKV
 from disagg.models.llama import LlamaForCausalLM
 from disagg.request import EngineRequest
 from disagg.sampling import SampledToken, sample
-from disagg.transport.base import KVHandle, KVHeader, KVSender
+from disagg.transport.base import KVDestination, KVSender, KVWriter
 
 
 class PrefillBusyError(DisaggError):
@@ -36,7 +41,7 @@ class PrefillBusyError(DisaggError):
 class PrefillConfig:
     """Prefill-side limits."""
 
-    lease_s: float = 60.0  # how long published KV waits to be pulled before it is freed
+    lease_s: float = 60.0  # how long object-store KV waits to be copied before it is freed
     max_leased_bytes: int = 8 << 30  # refuse new prompts while un-pulled KV exceeds this
 
     def __post_init__(self):
@@ -46,39 +51,27 @@ class PrefillConfig:
 
 @dataclass(frozen=True)
 class PrefillResult:
-    """What a prefill produced for one request."""
+    """What a prefill produced for one request (``kv`` only when no writer was given)."""
 
     request_id: str
     first_token: SampledToken
     fingerprint: KVFingerprint
-    kv: PackedKV = field(repr=False)
     prefill_s: float
-
-
-@dataclass(frozen=True)
-class PublishedPrefill:
-    """A prefill whose KV waits under a lease (``handle`` None: the request already ended)."""
-
-    request_id: str
-    first_token: SampledToken
-    fingerprint: KVFingerprint
-    handle: KVHandle | None
-    finish_reason: str | None  # "stop" / "length" when token 0 ends the request
-    prefill_s: float
+    kv: PackedKV | None = field(default=None, repr=False)
 
 
 class PrefillEngine:
-    """Runs prefills on one device and publishes their KV through its sender."""
+    """Runs prefills on one device; hands their KV to writers of its senders."""
 
     def __init__(self, model: LlamaForCausalLM, *, model_name: str,
                  trianglemix: TriangleMixConfig | None = None,
-                 sender: KVSender | None = None, config: PrefillConfig = PrefillConfig()):
+                 senders: tuple[KVSender, ...] = (), config: PrefillConfig = PrefillConfig()):
         if trianglemix is not None:
             trianglemix.validate_for(model.config.num_layers)
         self.model = model
         self.model_name = model_name
         self.trianglemix = trianglemix
-        self.sender = sender
+        self.senders = {s.backend: s for s in senders}
         self.config = config
         self.layout = KVLayout.of_model(model)
         self.device = next(model.parameters()).device
@@ -87,44 +80,43 @@ class PrefillEngine:
         return KVFingerprint(self.model_name, str(self.layout.dtype), self.layout.tag,
                              attention_tag(self.trianglemix), num_prompt_tokens)
 
+    def open_writer(self, offers: tuple[KVDestination, ...]) -> KVWriter:
+        """A writer for the first offered destination one of this engine's senders accepts."""
+        for destination in offers:
+            sender = self.senders.get(destination.backend)
+            if sender is not None and sender.accepts(destination):
+                return sender.open(destination, num_layers=self.layout.num_layers)
+        raise KVTransferError(f"none of the offered KV destinations "
+                              f"({[d.backend for d in offers]}) is reachable from this prefill "
+                              f"engine (senders: {sorted(self.senders)})")
+
     @torch.inference_mode()
-    def prefill(self, request: EngineRequest) -> PrefillResult:
+    def prefill(self, request: EngineRequest, sink: KVSink | None = None,
+                cancelled: Callable[[], bool] | None = None) -> PrefillResult:
         t0 = time.perf_counter()
         n = request.num_prompt_tokens
-        kv = PackedKV.empty(self.layout, n, self.device)
-        metadata = PrefillAttention(kv=kv, scale=self.model.scale, trianglemix=self.trianglemix)
+        kv = PackedKV.empty(self.layout, n, self.device) if sink is None else None
+        metadata = PrefillAttention(sink or kv, n, self.model.scale, self.trianglemix, cancelled)
         tokens = torch.tensor(request.prompt_token_ids, dtype=torch.long, device=self.device)
         hidden = self.model(tokens, torch.arange(n, device=self.device), metadata)
         logits = self.model.compute_logits(hidden[-1:])[0]
-        first = sample(logits, request.params, request.seed, step=0)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return PrefillResult(request.request_id, first, self.fingerprint(n), kv,
-                             time.perf_counter() - t0)
+        first = sample(logits, request.params, request.seed, step=0)  # syncs the compute stream
+        return PrefillResult(request.request_id, first, self.fingerprint(n),
+                             time.perf_counter() - t0, kv)
+
+    def leased(self) -> tuple[int, int]:
+        """KV leases held by this engine's senders and their bytes (published, not yet copied)."""
+        counts = [s.leased() for s in self.senders.values()]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def check_capacity(self) -> None:
-        """Raise ``PrefillBusyError`` while un-pulled KV exceeds the budget."""
-        if self.sender is None:
-            return
-        self.sender.expire()
-        if self.sender.leased_bytes > self.config.max_leased_bytes:
-            raise PrefillBusyError(
-                f"{self.sender.leased_bytes} bytes of KV wait to be pulled (budget "
-                f"{self.config.max_leased_bytes}); retry later")
-
-    def prefill_and_publish(self, request: EngineRequest, eos_token_ids: tuple[int, ...] = ()
-                            ) -> PublishedPrefill:
-        if self.sender is None:
-            raise ValueError("this prefill engine has no KV sender")
-        self.check_capacity()
-        result = self.prefill(request)
-        reason = first_token_finish_reason(request, result.first_token.token_id, eos_token_ids)
-        handle = None
-        if reason is None:
-            header = KVHeader(request.request_id, result.fingerprint, result.first_token.token_id)
-            handle = self.sender.publish(header, result.kv, lease_s=self.config.lease_s)
-        return PublishedPrefill(request.request_id, result.first_token, result.fingerprint,
-                                handle, reason, result.prefill_s)
+        """Raise ``PrefillBusyError`` while un-pulled object-store KV exceeds the budget."""
+        for sender in self.senders.values():
+            _, leased_bytes = sender.leased()
+            if leased_bytes > self.config.max_leased_bytes:
+                raise PrefillBusyError(
+                    f"{leased_bytes} bytes of KV wait to be pulled (budget "
+                    f"{self.config.max_leased_bytes}); retry later")
 
 
 def first_token_finish_reason(request: EngineRequest, token_id: int,

@@ -1,42 +1,54 @@
-"""KV transport through the Ray object store: works on CPU and across nodes (the baseline).
+"""KV through the Ray object store: works on CPU and across nodes (the portable fallback).
 
-The prefill replica ``ray.put``s a request's KV (msgpack header + one numpy array per layer
-for K and V; 16-bit dtypes travel as int16 views, since numpy has no bfloat16). The lease is
-held by a small ``LeaseKeeper`` actor that the sender creates (it shares the prefill
-process's fate): it keeps the object alive until the decode side releases it after the pull,
-or until the lease expires. The ``KVHandle`` carries the object ref and the keeper's actor
-handle, so the decode replica releases exactly the lease it pulled, wherever it lives.
-Decode polls ``ray.wait`` (which fetches the object to its node) and reads the arrays
-zero-copy, then copies them into its blocks.
+Prefill side: each layer, as soon as it is computed, is staged (GPU: an async copy into a
+pinned host buffer on a copy stream, after the layer's CUDA event; CPU: the layer's own
+tensors, no copy) and ``ray.put`` by a background thread while the next layers run, one
+object per layer holding K and V (16-bit dtypes as int16 views: numpy has no bfloat16).
+``finish`` waits for the last put and hands the refs to a small ``LeaseKeeper`` actor (it
+shares the prefill process's fate) that holds them until decode has copied them, or until the
+lease expires. Token 0 never waits for any of this.
+Decode side: ``complete`` brings the refs; ``poll`` checks readiness with ``ray.wait`` (which
+fetches the objects to this node) and, once all are local, copies them into the reserved rows
+and releases the lease.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
 
-from disagg.kv.layout import PackedKV
-from disagg.transport.base import KVHandle, KVHeader, ReceiveResult, TransferStatus
+from disagg.transport.base import (
+    KVCompletion,
+    KVDestination,
+    KVHeader,
+    KVTransferAborted,
+    ReceiveResult,
+    Run,
+    TransferStatus,
+)
 
-BACKEND = "ray-object-store"
-_DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+BACKEND = "object_store"
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().contiguous().cpu()
+def _numpy(t: torch.Tensor) -> np.ndarray:
     return (t.view(torch.int16) if t.element_size() == 2 else t).numpy()
 
 
-def _from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     # Arrays from the object store are read-only views; decode only copies out of them.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a).view(dtype)
+        t = torch.from_numpy(a)
+    return t.view(dtype) if t.dtype != dtype else t
 
 
 @ray.remote(num_cpus=0)
@@ -66,77 +78,161 @@ class LeaseKeeper:
 
 @dataclass(frozen=True)
 class RayKVRef:
-    """The Ray backend's locator: the object (in a list, so Ray passes it by reference) and
-    the keeper that holds its lease."""
+    """The locator in a completion record: one object per layer (in a list, so Ray passes
+    them by reference) and the keeper that holds their lease."""
 
     refs: list
     keeper: ray.actor.ActorHandle
 
 
+class ObjectStoreKVWriter:
+    """Stages and puts one request's layers while prefill runs on."""
+
+    def __init__(self, destination: KVDestination, keeper, executor: ThreadPoolExecutor, *,
+                 num_layers: int, lease_s: float):
+        self.destination = destination
+        self._keeper = keeper
+        self._executor = executor
+        self._num_layers = num_layers
+        self._lease_s = lease_s
+        self._puts: list = []
+        self._bytes = 0
+        self._aborted = threading.Event()
+        self._stream = None
+
+    def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self._aborted.is_set() or self.destination.expired():
+            raise KVTransferAborted(f"KV of {self.destination.request_id!r}: aborted or expired")
+        event = None
+        if k.is_cuda:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(k.device)
+            self._stream.wait_stream(torch.cuda.current_stream(k.device))
+            with torch.cuda.stream(self._stream):
+                k = k.to("cpu", non_blocking=True)  # pinned by the caching host allocator
+                v = v.to("cpu", non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        self._bytes += 2 * k.numel() * k.element_size()
+        self._puts.append(self._executor.submit(self._put, k, v, event))
+
+    def _put(self, k: torch.Tensor, v: torch.Tensor, event) -> ray.ObjectRef | None:
+        if event is not None:
+            event.synchronize()
+        if self._aborted.is_set():
+            return None
+        return ray.put((_numpy(k), _numpy(v)))
+
+    def finish(self, header: KVHeader) -> KVCompletion:
+        t0 = time.perf_counter()
+        refs = [f.result() for f in self._puts]
+        if self._aborted.is_set() or len(refs) != self._num_layers or None in refs:
+            raise KVTransferAborted(f"KV of {header.request_id!r} was aborted or is incomplete")
+        ray.get(self._keeper.hold.remote(header.request_id, refs, self._bytes, self._lease_s))
+        return KVCompletion(header, BACKEND, self._bytes, self._num_layers,
+                            time.perf_counter() - t0, RayKVRef(refs, self._keeper))
+
+    def abort(self) -> None:
+        self._aborted.set()
+        for f in self._puts:
+            f.cancel()
+
+
 class RayObjectStoreKVSender:
-    """Prefill side. Blocking calls: use it from a worker thread, not an event loop."""
+    """Prefill side. One staging thread; the lease keeper lives as long as this process."""
 
-    def __init__(self):
+    backend = BACKEND
+
+    def __init__(self, lease_s: float = 60.0):
         self._keeper = LeaseKeeper.remote()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-put")
+        self._lease_s = lease_s
 
-    def publish(self, header: KVHeader, kv: PackedKV, *, lease_s: float) -> KVHandle:
-        payload = (header.encode(), [_to_numpy(t) for t in kv.k], [_to_numpy(t) for t in kv.v])
-        ref = ray.put(payload)
-        ray.get(self._keeper.hold.remote(header.request_id, [ref], kv.num_bytes, lease_s))
-        return KVHandle(header.request_id, BACKEND, kv.num_bytes, RayKVRef([ref], self._keeper))
+    def accepts(self, destination: KVDestination) -> bool:
+        return destination.backend == BACKEND  # the object store reaches every node
 
-    def release(self, request_id: str) -> None:
-        self._keeper.release.remote(request_id)
+    def open(self, destination: KVDestination, *, num_layers: int) -> ObjectStoreKVWriter:
+        if destination.backend != BACKEND:
+            raise ValueError(f"destination of backend {destination.backend!r} given to {BACKEND}")
+        return ObjectStoreKVWriter(destination, self._keeper, self._executor,
+                                   num_layers=num_layers, lease_s=self._lease_s)
 
-    def expire(self) -> list[str]:
-        return ray.get(self._keeper.expire.remote())
+    def leased(self) -> tuple[int, int]:
+        """(leases held, bytes they hold) -- KV published and not yet copied by decode."""
+        return ray.get(self._keeper.stats.remote())
 
-    @property
-    def num_leases(self) -> int:
-        return ray.get(self._keeper.stats.remote())[0]
-
-    @property
-    def leased_bytes(self) -> int:
-        return ray.get(self._keeper.stats.remote())[1]
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class RayObjectStoreKVReceiver:
     """Decode side: polls object readiness; never blocks the engine loop."""
 
-    def __init__(self, clock=time.monotonic):
-        self._clock = clock
-        self._pending: dict[str, tuple[RayKVRef, float]] = {}
+    backend = BACKEND
 
-    def start(self, handle: KVHandle, *, timeout_s: float) -> None:
-        if handle.backend != BACKEND:
-            raise ValueError(f"handle of backend {handle.backend!r} given to {BACKEND!r}")
-        self._pending[handle.request_id] = (handle.ref, self._clock() + timeout_s)
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.endpoint = f"{BACKEND}:{uuid.uuid4().hex}"
+        self._clock = clock
+        self._cache = None
+        self._destinations: dict[str, KVDestination] = {}
+        self._pending: dict[str, RayKVRef] = {}
+        self._done: dict[str, ReceiveResult] = {}
+
+    def attach(self, cache) -> None:
+        self._cache = cache
+
+    def destination(self, request_id: str, runs: tuple[Run, ...], num_prompt_tokens: int,
+                    *, ttl_s: float) -> KVDestination:
+        dest = KVDestination(request_id, BACKEND, self.endpoint, runs, num_prompt_tokens,
+                             self._clock() + ttl_s)
+        self._destinations[request_id] = dest
+        return dest
+
+    def complete(self, completion: KVCompletion) -> None:
+        locator = completion.payload
+        if completion.request_id not in self._destinations:
+            locator.keeper.release.remote(completion.request_id)
+            self._done[completion.request_id] = ReceiveResult(TransferStatus.ABORTED,
+                                                              "no destination for this request")
+            return
+        self._pending[completion.request_id] = locator
 
     def poll(self, request_id: str) -> ReceiveResult:
-        if request_id not in self._pending:
-            return ReceiveResult(TransferStatus.ABORTED, error="no pull in progress")
-        locator, deadline = self._pending[request_id]
-        if self._clock() > deadline:
-            self._finish(request_id)
-            return ReceiveResult(TransferStatus.EXPIRED, error="KV pull deadline passed")
-        ready, _ = ray.wait(locator.refs, timeout=0, fetch_local=True)
-        if not ready:
+        if request_id in self._done:
+            return self._done[request_id]
+        locator = self._pending.get(request_id)
+        if locator is None:
+            return ReceiveResult(TransferStatus.PENDING)
+        dest = self._destinations[request_id]
+        if self._clock() >= dest.expires_at:
+            return self._end(request_id, ReceiveResult(TransferStatus.EXPIRED,
+                                                       "KV pull deadline passed"))
+        ready, _ = ray.wait(locator.refs, num_returns=len(locator.refs), timeout=0,
+                            fetch_local=True)
+        if len(ready) < len(locator.refs):
             return ReceiveResult(TransferStatus.PENDING)
         try:
-            header_bytes, ks, vs = ray.get(locator.refs[0])
+            layers = ray.get(locator.refs)
         except ray.exceptions.RayError as e:  # owner died, object lost
-            self._finish(request_id)
-            return ReceiveResult(TransferStatus.FAILED, error=f"KV object unavailable: {e}")
-        self._finish(request_id)
-        header = KVHeader.decode(header_bytes)
-        dtype = _DTYPES[header.fingerprint.dtype]
-        kv = PackedKV(k=[_from_numpy(a, dtype) for a in ks], v=[_from_numpy(a, dtype) for a in vs])
-        return ReceiveResult(TransferStatus.DONE, header, kv)
+            return self._end(request_id, ReceiveResult(TransferStatus.FAILED,
+                                                       f"KV object unavailable: {e}"))
+        dtype = self._cache.layout.dtype
+        for layer, (k, v) in enumerate(layers):
+            self._cache.write_runs(layer, dest.runs, _tensor(k, dtype), _tensor(v, dtype))
+        return self._end(request_id, ReceiveResult(TransferStatus.DONE))
 
-    def abort(self, request_id: str) -> None:
-        if request_id in self._pending:
-            self._finish(request_id)
+    def _end(self, request_id: str, result: ReceiveResult) -> ReceiveResult:
+        locator = self._pending.pop(request_id, None)
+        if locator is not None:
+            locator.keeper.release.remote(request_id)
+        self._done[request_id] = result
+        return result
 
-    def _finish(self, request_id: str) -> None:
-        locator, _ = self._pending.pop(request_id)
-        locator.keeper.release.remote(request_id)
+    def release(self, request_id: str) -> None:
+        self._end(request_id, ReceiveResult(TransferStatus.ABORTED))
+        self._destinations.pop(request_id, None)
+        self._done.pop(request_id, None)
+
+    def close(self) -> None:
+        for request_id in list(self._pending):
+            self.release(request_id)

@@ -9,8 +9,8 @@ from disagg.decode.engine import DecodeEngine
 from disagg.kv.layout import KVFingerprint, KVLayout, PackedKV
 from disagg.request import EngineRequest
 from disagg.sampling import SampledToken, SamplingParams, sample
-from disagg.transport.base import KVHandle, KVHeader
-from disagg.transport.inprocess import InProcessKVSender
+from disagg.transport.base import KVCompletion, KVHeader
+from disagg.transport.direct import DirectKVSender
 
 
 def request(model, request_id: str, prompt_ids, **params) -> EngineRequest:
@@ -55,10 +55,15 @@ def fake_prefill(model, req: EngineRequest, *, model_name: str, attention: str =
     return first, kv, KVFingerprint(model_name, str(layout.dtype), layout.tag, attention, n)
 
 
-def publish(sender: InProcessKVSender, req: EngineRequest, first: SampledToken, kv: PackedKV,
-            fingerprint: KVFingerprint, lease_s: float = 60.0) -> KVHandle:
-    return sender.publish(KVHeader(req.request_id, fingerprint, first.token_id), kv,
-                          lease_s=lease_s)
+def write_kv(sender: DirectKVSender, offers, req: EngineRequest, first: SampledToken,
+             kv: PackedKV, fingerprint: KVFingerprint, *, num_layers: int | None = None
+             ) -> KVCompletion:
+    """What the prefill side does: write every layer (or only ``num_layers``) into the
+    offered destination and return the completion record."""
+    writer = sender.open(offers[0], num_layers=len(kv.k))
+    for layer in range(len(kv.k) if num_layers is None else num_layers):
+        writer.write_layer(layer, kv.k[layer], kv.v[layer])
+    return writer.finish(KVHeader(req.request_id, fingerprint, first.token_id))
 
 
 def run_to_end(engine: DecodeEngine, max_steps: int = 10_000) -> dict[str, list]:

@@ -4,7 +4,7 @@ transformers), batched or one at a time, local or from remote KV (DESIGN.md §7 
 from __future__ import annotations
 
 import pytest
-from decode_fakes import fake_prefill, publish, reference_scores, request, run_to_end, token_ids
+from decode_fakes import fake_prefill, reference_scores, request, run_to_end, token_ids, write_kv
 from helpers import embedded_model_dir, greedy_prefix_length
 from transformers import AutoTokenizer
 
@@ -13,7 +13,7 @@ from disagg.decode.engine import DecodeEngine
 from disagg.generate import SimpleGenerator
 from disagg.models.loader import ModelSource, load_model
 from disagg.sampling import SamplingParams
-from disagg.transport.inprocess import InProcessKVReceiver, InProcessKVSender
+from disagg.transport.direct import DirectKVReceiver, DirectKVSender
 
 MODEL_NAME = "smollm2-135m-instruct"
 PROMPTS = [
@@ -65,7 +65,7 @@ def test_eight_concurrent_requests_on_a_fragmented_pool_equal_one_at_a_time(smol
     max_tokens = [8 + i for i in range(8)]
     refs = [reference(model, p, n) for p, n in zip(prompts, max_tokens)]
     engine = DecodeEngine(model, DecodeConfig(block_size=4, num_blocks=120),
-                          model_name=MODEL_NAME, receiver=InProcessKVReceiver(InProcessKVSender()))
+                          model_name=MODEL_NAME, receivers=(DirectKVReceiver(),))
     start_free = engine.num_free_blocks
     # Fragment the pool: 30 remote fillers reserve 4 blocks each (15 prompt tokens + token 0)
     # and fill it; aborting every other one (WAITING_FOR_REMOTE_KV) leaves 15 separate holes.
@@ -74,6 +74,7 @@ def test_eight_concurrent_requests_on_a_fragmented_pool_equal_one_at_a_time(smol
     assert engine.num_free_blocks == 0
     for i in range(1, 30, 2):
         engine.abort(f"filler{i}")
+        engine.writer_done(f"filler{i}")  # no prefill will write there: the rows are free
     assert len(engine.pool.free_ranges()) == 15
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
         engine.add_request(request(model, f"r{i}", p, max_tokens=n, ignore_eos=True))
@@ -94,6 +95,7 @@ def test_eight_concurrent_requests_on_a_fragmented_pool_equal_one_at_a_time(smol
             assert sum(len(t.ranges) > 1 for t in tables) >= 3, "block tables are fragmented"
             for i in range(0, 30, 2):
                 engine.abort(f"filler{i}")
+                engine.writer_done(f"filler{i}")
         step += 1
     assert step == max(max_tokens)
     for i, (ref, checked) in enumerate(refs):
@@ -105,11 +107,11 @@ def test_eight_concurrent_requests_on_a_fragmented_pool_equal_one_at_a_time(smol
 def test_remote_kv_gives_the_same_ids_as_local_prefill(smollm2):
     model, tokenizer = smollm2
     prompt_ids = tokenizer(PROMPTS[4])["input_ids"]
-    sender = InProcessKVSender()
+    sender = DirectKVSender()
     config = DecodeConfig(block_size=16, num_blocks=32)
     local = DecodeEngine(model, config, model_name=MODEL_NAME)
     remote = DecodeEngine(model, config, model_name=MODEL_NAME,
-                          receiver=InProcessKVReceiver(sender))
+                          receivers=(DirectKVReceiver(),))
     for seed in (None, 1234):  # greedy, then seeded sampling
         params = {"max_tokens": 16, "ignore_eos": True, "logprobs": 2}
         if seed is not None:
@@ -119,11 +121,11 @@ def test_remote_kv_gives_the_same_ids_as_local_prefill(smollm2):
         local_out = run_to_end(local)[req.request_id]
         remote.add_remote_request(req)
         first, kv, fingerprint = fake_prefill(model, req, model_name=MODEL_NAME)
-        handle = publish(sender, req, first, kv, fingerprint)
-        remote.kv_ready(req.request_id, handle, first, fingerprint)
+        completion = write_kv(sender, remote.destinations(req.request_id), req, first, kv,
+                              fingerprint)
+        remote.kv_complete(req.request_id, first, completion)
         remote_out = run_to_end(remote)[req.request_id]
         assert [first.token_id] + token_ids(remote_out) == token_ids(local_out)
         assert remote_out[-1].finish_reason == "length"
         assert remote_out[0].token.logprob == pytest.approx(local_out[1].token.logprob, abs=1e-4)
-        assert sender.num_leases == 0
         assert remote.num_free_blocks == remote.num_total_blocks

@@ -12,7 +12,7 @@ from disagg.decode.config import DecodeConfig
 from disagg.decode.engine import DecodeEngine
 from disagg.errors import InvalidRequestError, PoolCapacityError
 from disagg.kv.layout import KVLayout
-from disagg.transport.inprocess import InProcessKVReceiver, InProcessKVSender
+from disagg.transport.direct import DirectKVReceiver
 
 NAME = "random:tiny-llama"
 
@@ -29,7 +29,7 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def engine_of(model, **config) -> DecodeEngine:
     return DecodeEngine(model, DecodeConfig(**config), model_name=NAME,
-                        receiver=InProcessKVReceiver(InProcessKVSender()))
+                        receivers=(DirectKVReceiver(),))
 
 
 def run_alone(model, req) -> list[int]:

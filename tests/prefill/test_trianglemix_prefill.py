@@ -37,7 +37,7 @@ def test_triangle_layer_equals_attention_under_the_explicit_mask(n, params, head
     q, k, v = (torch.randn(n, h, 32, generator=g) for h in (hq, hkv, hkv))
     config = TriangleMixConfig((0,), params)
     layout = KVLayout(num_layers=1, num_kv_heads=hkv, head_dim=32, dtype=torch.float32)
-    meta = PrefillAttention(kv=PackedKV.empty(layout, n, "cpu"), scale=32**-0.5, trianglemix=config)
+    meta = PrefillAttention(PackedKV.empty(layout, n, "cpu"), n, 32**-0.5, config)
     sparse = n > config.min_sparse_tokens
     assert meta.kind(0) is (AttentionKind.TRIANGLE if sparse else AttentionKind.DENSE)
     out = meta.attend(0, q, k, v)

@@ -1,0 +1,190 @@
+"""The life of a disaggregated request, written once: the Serve app and the CLI both run it.
+
+1. RECEIVED -> ROUTED: ``DecodeClient.reserve`` -- decode reserves the prompt's blocks (FIFO,
+   with a deadline) and offers its KV destinations; prefill is never called before this.
+2. PREFILLING: ``PrefillClient.prefill`` runs the prompt on a prefill worker, each layer's K/V
+   written towards the destination as soon as it is computed.
+3. FIRST_TOKEN: the prefill stream's first event is token 0; it is yielded at once (no KV wait
+   stands before it). If token 0 ends the request (EOS, a stop id, max_tokens = 1), prefill
+   aborts its writer and the request ends here.
+4. KV_COMPLETE: the prefill stream's second event is the ``KVCompletion`` record (every layer
+   confirmed written); ``DecodeClient.kv_complete`` checks it (fingerprint, token 0) and the
+   decode engine makes the KV usable. Decode never decodes without this record.
+5. DECODING: tokens 1.. stream from the decode engine until the request finishes.
+6. END (any exit: finish, error, client gone, a deadline): the decode request is aborted
+   (blocks freed); if the prefill stream had not ended, it is cancelled (the worker stops at
+   its next layer) and the request's rows stay fenced for ``cancel_grace_s`` at most; once the
+   prefill stream has ended, ``writer_done`` frees them at once.
+``HandoffTiming`` records queue, prefill, exposed transfer and first decode time per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from disagg.decode.request import TokenOutput
+from disagg.errors import DisaggError, KVTransferError
+from disagg.request import EngineRequest
+from disagg.sampling import SampledToken
+from disagg.transport.base import KVCompletion, KVDestination
+
+
+class PrefillUnavailableError(DisaggError):
+    """No prefill worker could take the request (before token 0): decode may prefill it."""
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """The prefill stream's first event."""
+
+    token: SampledToken
+    finish_reason: str | None  # "stop" / "length" when token 0 ends the request
+    queue_s: float  # waiting for the prefill worker
+    prefill_s: float  # the forward, until token 0 was sampled
+
+
+PrefillEvent = FirstToken | KVCompletion
+
+
+class PrefillClient(Protocol):
+    """Where prefills run: a Serve deployment, or an engine in this process."""
+
+    def prefill(self, request: EngineRequest, offers: tuple[KVDestination, ...]
+                ) -> AsyncIterator[PrefillEvent]:
+        """FirstToken, then (unless it ended the request) the KVCompletion. Raises
+        ``PrefillUnavailableError`` before the first event when no worker can take it.
+        Closing the iterator early cancels the prefill."""
+        ...
+
+
+class DecodeClient(Protocol):
+    """The decode engine, as the life of a request needs it."""
+
+    async def reserve(self, request: EngineRequest) -> tuple[KVDestination, ...]: ...
+
+    async def kv_complete(self, request_id: str, first_token: SampledToken,
+                          completion: KVCompletion) -> None: ...
+
+    def outputs(self, request_id: str) -> AsyncIterator[TokenOutput]: ...
+
+    def writer_done(self, request_id: str) -> None: ...
+
+    def abort(self, request_id: str, *, fence_grace_s: float | None = None) -> None: ...
+
+
+@dataclass
+class HandoffTiming:
+    """One disaggregated request's time to first and second token, by stage (seconds)."""
+
+    queue_s: float = 0.0  # reserving blocks + waiting for the prefill worker
+    prefill_s: float = 0.0  # prefill forward until token 0
+    transfer_s: float | None = None  # token 0 at decode -> KV complete and accepted there
+    first_decode_s: float | None = None  # KV accepted -> token 1
+    backend: str | None = None
+    kv_bytes: int = 0
+    kv_recomputed: bool = False  # preempted after arrival: decode recomputed the KV densely
+
+    @property
+    def kv_gbps(self) -> float | None:
+        if not self.kv_bytes or not self.transfer_s:
+            return None
+        return self.kv_bytes / self.transfer_s / 1e9
+
+    def to_dict(self) -> dict:
+        return {"queue_s": self.queue_s, "prefill_s": self.prefill_s,
+                "transfer_s": self.transfer_s, "first_decode_s": self.first_decode_s,
+                "kv_backend": self.backend, "kv_bytes": self.kv_bytes, "kv_gbps": self.kv_gbps,
+                "kv_recomputed": self.kv_recomputed}
+
+
+@dataclass(frozen=True)
+class HandoffConfig:
+    """Deadlines of the hand-off."""
+
+    kv_complete_timeout_s: float = 300.0  # token 0 -> completion record
+    cancel_grace_s: float = 10.0  # a cancelled prefill writes at most this long after
+
+
+async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
+                              decode: DecodeClient, timing: HandoffTiming,
+                              config: HandoffConfig = HandoffConfig()
+                              ) -> AsyncIterator[TokenOutput]:
+    """Tokens of ``request``, token 0 (from prefill) first; ``timing`` is filled as it goes."""
+    rid = request.request_id
+    t0 = time.perf_counter()
+    events: _PrefillStream | None = None
+    try:
+        offers = await decode.reserve(request)
+        reserved_s = time.perf_counter() - t0
+        events = _PrefillStream(prefill.prefill(request, offers))
+        first = await events.next()
+        if not isinstance(first, FirstToken):
+            raise KVTransferError(f"prefill of {rid!r} sent {type(first).__name__} first")
+        timing.queue_s, timing.prefill_s = reserved_s + first.queue_s, first.prefill_s
+        t_token0 = time.perf_counter()
+        yield TokenOutput(rid, first.token, first.finish_reason is not None,
+                          first.finish_reason)
+        if first.finish_reason is not None:
+            await events.expect_end()
+            return
+        try:
+            completion = await asyncio.wait_for(events.next(), config.kv_complete_timeout_s)
+        except TimeoutError as e:
+            raise KVTransferError(f"no KV completion for {rid!r} within "
+                                  f"{config.kv_complete_timeout_s} s of token 0") from e
+        except StopAsyncIteration as e:
+            raise KVTransferError(f"prefill of {rid!r} ended without completing its KV") from e
+        if not isinstance(completion, KVCompletion):
+            raise KVTransferError(f"prefill of {rid!r} sent {type(completion).__name__}, not "
+                                  "the KV completion")
+        await events.expect_end()
+        await decode.kv_complete(rid, first.token, completion)
+        t_kv = time.perf_counter()
+        timing.transfer_s, timing.backend = t_kv - t_token0, completion.backend
+        timing.kv_bytes = completion.num_bytes
+        async for out in decode.outputs(rid):
+            if timing.first_decode_s is None and out.token is not None:
+                timing.first_decode_s = time.perf_counter() - t_kv
+            timing.kv_recomputed = out.kv_recomputed
+            yield out
+            if out.finished:
+                return
+    finally:
+        if events is None or events.ended:  # nothing can write to its rows any more
+            decode.abort(rid)
+            decode.writer_done(rid)
+        else:
+            decode.abort(rid, fence_grace_s=config.cancel_grace_s)
+            await events.aclose()
+
+
+class _PrefillStream:
+    """The prefill events of one request; ``ended`` once the stream finished or failed (its
+    writer then stopped), not when it was merely cancelled from this side."""
+
+    def __init__(self, events: AsyncIterator[PrefillEvent]):
+        self._events = events
+        self.ended = False
+
+    async def next(self) -> PrefillEvent:
+        try:
+            return await anext(self._events)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # StopAsyncIteration, or the prefill failed: it wrote its last
+            self.ended = True
+            raise
+
+    async def expect_end(self) -> None:
+        try:
+            event = await self.next()
+        except StopAsyncIteration:
+            return
+        raise KVTransferError(f"unexpected prefill event after the last one: {event!r}")
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
