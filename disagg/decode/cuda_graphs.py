@@ -4,7 +4,7 @@ Life of a decode step here:
 1. ``DecodeInputs.stage``: the batch's token ids, positions, new-token slots, context lengths
    and block tables are written into pinned host buffers (a request's block-id row is rebuilt
    only when its ``BlockTable`` changed) and copied to the persistent device buffers in three
-   asynchronous transfers; rows past the batch, up to the captured size, are padding (length 0,
+   asynchronous transfers from pinned memory; rows past the batch, up to the captured size, are padding (length 0,
    slot -1: nothing stored, nothing read).
 2. ``DecodeGraphs.run``: replay the graph captured for that padded size, or, for a size with no
    graph, run the same forward eagerly on the same buffers (same kernels, same split counts).
@@ -50,41 +50,56 @@ class DecodeInputs:
         self.max_rows = max_rows
         self.max_blocks = cache.num_blocks  # one sequence may hold the whole pool
         device, pin = cache.device, cache.device.type == "cuda"
+        # Every host->device copy is of a whole contiguous pinned buffer (or its prefix), so
+        # none of them waits for the device.
         self._host_tokens = torch.zeros(3, max_rows, dtype=torch.int64, pin_memory=pin)
         self._host_lens = torch.zeros(max_rows, dtype=torch.int32, pin_memory=pin)
-        self._host_tables = torch.zeros(max_rows, self.max_blocks, dtype=torch.int32,
-                                        pin_memory=pin)
+        self._host_tables = torch.zeros(max_rows * self.max_blocks, dtype=torch.int32,
+                                        pin_memory=pin)  # [n, width] packed, width per step
         self.tokens = torch.zeros(3, max_rows, dtype=torch.int64, device=device)
         self.context_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self._packed_tables = torch.zeros(max_rows * self.max_blocks, dtype=torch.int32,
+                                          device=device)
         self.block_tables = torch.zeros(max_rows, self.max_blocks, dtype=torch.int32,
                                         device=device)
         self._rows: dict[str, tuple[BlockTable, np.ndarray]] = {}
+        self._copied = torch.cuda.Event() if pin else None  # the last copies out of staging
 
     def stage(self, sequences: Sequence[ScheduledSequence], num_rows: int) -> None:
         """Fill rows ``0 .. num_rows-1`` for ``sequences`` (one new token each), then padding."""
         n, bs = len(sequences), self.cache.block_size
+        if self._copied is not None:
+            # A step that sampled nothing did not wait for the device: let the last copies out
+            # of the staging buffers finish before overwriting them (normally long done).
+            self._copied.synchronize()
         tokens, lens = self._host_tokens.numpy(), self._host_lens.numpy()
-        tables = self._host_tables.numpy()
-        rows, width = {}, 1
-        for b, s in enumerate(sequences):
+        rows = {}
+        for s in sequences:
             cached = self._rows.get(s.request_id)
             if cached is None or cached[0] is not s.block_table:
                 cached = (s.block_table, block_id_row(s.block_table))
             rows[s.request_id] = cached
-            ids = cached[1]
+        self._rows = rows
+        width = max((-(-(s.num_computed_tokens + 1) // bs) for s in sequences), default=0)
+        tables = self._host_tables.numpy()[:n * width].reshape(n, width)
+        for b, s in enumerate(sequences):
+            ids = rows[s.request_id][1]
             pos = s.num_computed_tokens
             tokens[0, b], tokens[1, b] = s.token_ids[0], pos
             tokens[2, b] = int(ids[pos // bs]) * bs + pos % bs
             lens[b] = pos + 1
             used = -(-(pos + 1) // bs)
             tables[b, :used] = ids[:used]
-            width = max(width, used)
-        self._rows = rows
         tokens[0, n:num_rows], tokens[1, n:num_rows], tokens[2, n:num_rows] = 0, 0, -1
         lens[n:num_rows] = 0
-        self.tokens[:, :num_rows].copy_(self._host_tokens[:, :num_rows], non_blocking=True)
-        self.context_lens[:num_rows].copy_(self._host_lens[:num_rows], non_blocking=True)
-        self.block_tables[:n, :width].copy_(self._host_tables[:n, :width], non_blocking=True)
+        self.tokens.copy_(self._host_tokens, non_blocking=True)
+        self.context_lens.copy_(self._host_lens, non_blocking=True)
+        if n * width:
+            packed = self._packed_tables[:n * width]
+            packed.copy_(self._host_tables[:n * width], non_blocking=True)
+            self.block_tables[:n, :width].copy_(packed.view(n, width))
+        if self._copied is not None:
+            self._copied.record()
 
     def metadata(self, num_rows: int, scale: float) -> PagedAttention:
         """Attention metadata over the first ``num_rows`` rows of the buffers."""

@@ -131,8 +131,8 @@ class Sampler:
         i[0, :n] = [r.params.top_k for r in rows]
         i[1, :n] = [_signed64(r.seed) for r in rows]
         i[2, :n] = [r.step for r in rows]
-        self._dev_f[:, :n].copy_(self._host_f[:, :n], non_blocking=True)
-        self._dev_i[:, :n].copy_(self._host_i[:, :n], non_blocking=True)
+        self._dev_f.copy_(self._host_f, non_blocking=True)  # whole buffers: contiguous, pinned
+        self._dev_i.copy_(self._host_i, non_blocking=True)
         asked = [r.params.logprobs for r in rows if r.params.logprobs is not None]
         packed = sample_rows(
             logits[:n], self._dev_f[0, :n], self._dev_f[1, :n], self._dev_i[0, :n],

@@ -61,7 +61,7 @@ def paged_decode_attention_triton(
         raise ValueError("out must be [B, Hq, D] in q's dtype with a contiguous last dim")
     if batch == 0:
         return out
-    ws_shape = (batch, num_heads_q, splits) if splits > 1 else (0, 0, 0)
+    ws_shape = (batch, num_heads_q, splits) if splits > 1 else (1, 1, 1)  # unused: no split
     ws_lse = torch.empty(ws_shape, dtype=torch.float32, device=q.device)
     ws_out = torch.empty((*ws_shape, head_dim), dtype=torch.float32, device=q.device)
     _paged_decode_fwd[(batch, num_heads_kv, splits)](
