@@ -10,6 +10,7 @@ released, not expired, not failed); everything else goes to a scratch buffer.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import time
@@ -66,6 +67,7 @@ class _DecodePairing:
         self.pairing_id = pairing_id
         self.seq = 0  # next announcement key; read by ``close`` under the receiver's lock
         self._active: dict[int, list] = {}  # announced transfer id -> [expires_at, layers left]
+        self._ended: collections.deque[int] = collections.deque(maxlen=256)  # every layer came
         self._scratch: torch.Tensor | None = None
         self.thread = threading.Thread(target=self._run, name=f"kv-recv-{pairing_id}",
                                        daemon=True)
@@ -107,6 +109,9 @@ class _DecodePairing:
                 return False
         kind, tid, layer, num_tokens, num_runs = self.channel.recv_ints(HEADER_LEN,
                                                                         self._deadline())
+        if kind == ABORT and tid in self._ended:  # aborted after its last layer (token 0 ended it)
+            r._aborted(tid)
+            return True
         while tid not in self._active:  # its announcement may still be on its way to the store
             if not self._announcement(r.timeout_s):
                 return False
@@ -129,6 +134,7 @@ class _DecodePairing:
         entry[1] -= 1
         if entry[1] <= 0:
             del self._active[tid]
+            self._ended.append(tid)
         if not self._active:
             self._scratch = None
         return True
@@ -315,7 +321,8 @@ class TorchDistKVReceiver:
         with self._lock:
             t = self._transfers.get(transfer_id)
             if t is not None and t.result is None:
-                t.result = ReceiveResult(TransferStatus.ABORTED, "prefill aborted the transfer")
+                t.result = self._outcome(t) or ReceiveResult(TransferStatus.ABORTED,
+                                                             "prefill aborted the transfer")
 
     def _pairing_formed(self, pairing: _DecodePairing) -> None:
         with self._lock:
