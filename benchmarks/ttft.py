@@ -1,0 +1,238 @@
+"""Prefill TTFT on one GPU: our engine (dense and TriangleMix) against transformers + SDPA.
+
+    python -m benchmarks.ttft [--lengths 8192 32768 65536 131072] [--repeats 2]
+
+Random weights of a named config (Llama-3.1-8B by default), bf16, token-id prompts (seed 0).
+Our engine and transformers share the same weight tensors (transformers is built on the meta
+device and handed ours), so peak memory is one copy of the weights plus each run's own
+buffers. Per prompt length and mode: one instrumented pass (also the length's warm-up; CUDA
+events around every layer's attention call, KV store included) gives ``attention_s``; then
+``--repeats`` timed prefills give ``ours_s`` (median, wall clock to token 0) and ``other_s =
+ours_s - attention_s``. transformers (``use_cache=True``, logits of the last position only):
+one warm-up and ``--repeats`` timed runs. Before anything else, ``warm_up_prefill`` runs and the
+first and second 32K TriangleMix prefills after it are timed (the first must not be slower).
+Results: ``benchmarks/results/ttft.json``, written after every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from disagg_kernels.triangle_mix import num_kept_pairs
+
+from benchmarks.common import add_provenance_args, print_table, write_results
+from disagg.attention.triangle import published_trianglemix
+from disagg.models.loader import ModelSource, load_model
+from disagg.prefill.engine import PrefillEngine
+from disagg.prefill.warmup import warm_up_prefill
+from disagg.request import EngineRequest
+from disagg.sampling import SamplingParams
+
+COLUMNS = ["context_tokens", "mode", "ours_s", "attention_s", "other_s", "transformers_s",
+           "speedup", "peak_gib", "transformers_peak_gib", "tflops"]
+
+
+class _TimedAttention:
+    """Attention metadata proxy: CUDA events around every ``attend`` call."""
+
+    def __init__(self, inner, events: list):
+        self.inner, self.events = inner, events
+
+    def attend(self, layer_idx, q, k, v):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.inner.attend(layer_idx, q, k, v)
+        end.record()
+        self.events.append((start, end))
+        return out
+
+
+class _TimedModel:
+    """The model as an engine sees it, with each forward's metadata wrapped in the proxy."""
+
+    def __init__(self, model):
+        self.model, self.events = model, []
+
+    def __call__(self, input_ids, positions, metadata):
+        return self.model(input_ids, positions, _TimedAttention(metadata, self.events))
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def attention_s(self) -> float:
+        torch.cuda.synchronize()
+        total = sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+        self.events.clear()
+        return total
+
+
+def _wall(fn: Callable[..., object], *args) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*args)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_transformers(hf, req: EngineRequest, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak GiB) of transformers' prefill of ``req`` after one warm-up."""
+    ids = torch.tensor([req.prompt_token_ids], device=hf.device)
+
+    @torch.inference_mode()
+    def prefill():
+        hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+
+    prefill()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = statistics.median(_wall(prefill) for _ in range(repeats))
+    return seconds, torch.cuda.max_memory_allocated() / 2**30
+
+
+def _request(n: int, vocab: int, context: int) -> EngineRequest:
+    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    return EngineRequest.create(f"ttft-{n}", ids, SamplingParams(temperature=0.0, max_tokens=1),
+                                vocab_size=vocab, context=context)
+
+
+def build_transformers(model, source: ModelSource):
+    """transformers' Llama with SDPA holding ``model``'s own weight tensors (no copy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**source.hf_config())
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                              dtype=torch.bfloat16)
+    hf.load_state_dict(model.state_dict(), assign=True, strict=True)
+    device = next(model.parameters()).device
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to(device)  # a meta buffer
+    return hf.eval()
+
+
+def fused_op_timings(config, n: int) -> dict[str, float]:
+    """Milliseconds per call (``triton.testing.do_bench`` median) of each fused op against the
+    unfused PyTorch it replaced, on ``n`` tokens; the add + norm with an fp32 and a bf16
+    residual stream (the residual's dtype is decided by this cost and by DESIGN.md §7)."""
+    import torch.nn.functional as F
+    from disagg_kernels.fused import add_rms_norm, rope, silu_mul
+    from triton.testing import do_bench
+
+    from disagg.models.rope import inverse_frequencies, rope_cos_sin
+
+    h, d, bf16 = config.hidden_size, config.head_dim, torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, h, device="cuda", dtype=bf16, generator=g)
+    w = torch.ones(h, device="cuda", dtype=bf16)
+    res32, res16 = x.float(), x.clone()
+    q = torch.randn(n, config.num_heads, d, device="cuda", dtype=bf16, generator=g)
+    cos, sin = rope_cos_sin(inverse_frequencies(config.rope, d).cuda(),
+                            torch.arange(n, device="cuda"))
+    cos2, sin2 = (torch.cat((t, t), -1).to(bf16)[:, None] for t in (cos, sin))
+    gate = torch.randn(n, config.intermediate_size, device="cuda", dtype=bf16, generator=g)
+    up = torch.randn_like(gate)
+
+    def unfused_add_norm():
+        r = res32 + x
+        hr = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return w * hr.to(bf16)
+
+    def unfused_rope():
+        half = d // 2
+        return q * cos2 + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin2
+
+    cases = {
+        "add_rms_norm_fp32_residual": lambda: add_rms_norm(x, res32, w, 1e-5),
+        "add_rms_norm_bf16_residual": lambda: add_rms_norm(x, res16, w, 1e-5),
+        "add_rms_norm_unfused_fp32_residual": unfused_add_norm,
+        "rope_q": lambda: rope(q, cos, sin),
+        "rope_q_unfused": unfused_rope,
+        "silu_mul": lambda: silu_mul(gate, up, out=gate),
+        "silu_mul_unfused": lambda: F.silu(gate) * up,
+    }
+    return {name: float(do_bench(fn, warmup=5, rep=50)) for name, fn in cases.items()}
+
+
+def model_flops(config, n: int, triangle_layers: int, params) -> float:
+    """Matrix-product FLOPs of a prefill of ``n`` tokens (layers + one row of LM head)."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    qkvo = 2 * h * d * (2 * config.num_heads + 2 * config.num_kv_heads)
+    per_token = config.num_layers * (qkvo + 2 * 3 * h * i)
+    dense_pairs = n * (n + 1) // 2
+    pairs = ((config.num_layers - triangle_layers) * dense_pairs
+             + triangle_layers * num_kept_pairs(n, params))
+    return per_token * n + 4 * pairs * d * config.num_heads + 2 * h * config.vocab_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama-3.1-8b", help="random config name")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-transformers", action="store_true")
+    add_provenance_args(parser)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    source = ModelSource(name=f"random:{args.model}", random_config=args.model)
+    model = load_model(source, device="cuda", dtype=torch.bfloat16)
+    config, context = model.config, model.config.max_context_tokens
+    trianglemix = published_trianglemix(args.model)
+    engines = {"dense": PrefillEngine(model, model_name=source.name),
+               "trianglemix": PrefillEngine(model, model_name=source.name,
+                                            trianglemix=trianglemix)}
+    timed_model = _TimedModel(model)
+    timed = {mode: PrefillEngine(timed_model, model_name=source.name, trianglemix=e.trianglemix)
+             for mode, e in engines.items()}
+    hf = None if args.no_transformers else build_transformers(model, source)
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+
+    warmup = {mode: warm_up_prefill(e) for mode, e in engines.items()}
+    first_n = min(32768, context - 1)
+    req = _request(first_n, config.vocab_size, context)
+    first_s = [_wall(engines["trianglemix"].prefill, req) for _ in range(2)]
+    extra = {
+        "model": source.name, "dtype": "bfloat16", "weights_gib": round(weights_gib, 2),
+        "warmup_s": {m: round(w.seconds, 2) for m, w in warmup.items()},
+        "warmup_prompt_lengths": {m: list(w.prompt_lengths) for m, w in warmup.items()},
+        "first_after_warmup": {"context_tokens": first_n, "first_s": first_s[0],
+                               "second_s": first_s[1]},
+    }
+    extra["fused_ops_ms"] = {"context_tokens": first_n, **fused_op_timings(config, first_n)}
+    print(extra["fused_ops_ms"], flush=True)
+    print(f"warm-up {extra['warmup_s']} s; first/second {first_n}-token TriangleMix prefill "
+          f"after it: {first_s[0]:.3f} / {first_s[1]:.3f} s", flush=True)
+
+    rows = []
+    for n in args.lengths:  # in the order given: the session script runs the targets first
+        if n >= context:
+            print(f"skip {n}: the model's context is {context}")
+            continue
+        req = _request(n, config.vocab_size, context)
+        hf_s, hf_peak = time_transformers(hf, req, args.repeats) if hf else (None, None)
+        for mode, engine in engines.items():
+            torch.cuda.empty_cache()
+            timed[mode].prefill(req)  # instrumented pass, the length's warm-up too
+            attention_s = timed_model.attention_s()
+            torch.cuda.reset_peak_memory_stats()
+            ours_s = statistics.median(_wall(engine.prefill, req) for _ in range(args.repeats))
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            layers = len(engine.trianglemix.triangle_layers) if engine.trianglemix else 0
+            flops = model_flops(config, n, layers, trianglemix.params)
+            rows.append({
+                "context_tokens": n, "mode": mode, "ours_s": ours_s,
+                "attention_s": attention_s, "other_s": ours_s - attention_s,
+                "transformers_s": hf_s, "speedup": hf_s / ours_s if hf_s else None,
+                "peak_gib": peak, "transformers_peak_gib": hf_peak, "tflops": flops / ours_s / 1e12,
+            })
+            print(rows[-1], flush=True)
+            rows.sort(key=lambda r: (r["context_tokens"], r["mode"]))
+            write_results("ttft", rows, commit=args.commit, dirty=args.dirty, out=args.out,
+                          extra=extra)
+    print_table(rows, COLUMNS)
+
+
+if __name__ == "__main__":
+    main()
