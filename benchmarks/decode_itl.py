@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from disagg_kernels.paged_decode.configs import DecodeTileConfig, pick_num_splits
+from disagg_kernels.paged_decode.configs import DecodeTileConfig, pick_config, pick_num_splits
 from disagg_kernels.paged_decode.launcher import paged_decode_attention_triton
 
 from benchmarks.common import RESULTS_DIR, add_provenance_args, print_table, write_results
@@ -159,7 +159,9 @@ class EngineBench:
                         rows.append({"batch": batch, "context_tokens": context,
                                      "block_n": cfg.block_n, "num_warps": cfg.num_warps,
                                      "num_stages": cfg.num_stages, "num_splits": splits,
-                                     "default_splits": splits == base, "kernel_us": ms * 1e3,
+                                     "is_default": splits == base and cfg == pick_config(
+                                         cache.device, batch, layout.num_kv_heads),
+                                     "kernel_us": ms * 1e3,
                                      "kernel_gbps": kv_bytes / ms / 1e6})
             finally:
                 for t in tables:
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=1e9,
                         help="skip transformers batches that would start after this many s")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-cases", nargs="+", default=["1x131072", "32x4096"])
     parser.add_argument("--sweep-out", type=Path, default=RESULTS_DIR / "decode_kernel_sweep.json")
     add_provenance_args(parser)
     args = parser.parse_args(argv)
@@ -241,11 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         print(rows[-1], flush=True)
         save(rows)
     if args.sweep:
-        sweep = bench.sweep([(1, 131072), (32, 4096)])
+        sweep = bench.sweep([parse_case(c) for c in args.sweep_cases])
         write_results("decode_kernel_sweep", sweep, commit=args.commit, dirty=args.dirty,
                       out=args.sweep_out, extra={"model": f"random:{MODEL}"})
         print_table(sweep, ["batch", "context_tokens", "block_n", "num_warps", "num_stages",
-                            "num_splits", "kernel_us", "kernel_gbps"])
+                            "num_splits", "is_default", "kernel_us", "kernel_gbps"])
     del bench
     torch.cuda.empty_cache()
     if args.transformers_batches:

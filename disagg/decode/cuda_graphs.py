@@ -72,7 +72,6 @@ class DecodeInputs:
             # A step that sampled nothing did not wait for the device: let the last copies out
             # of the staging buffers finish before overwriting them (normally long done).
             self._copied.synchronize()
-        tokens, lens = self._host_tokens.numpy(), self._host_lens.numpy()
         rows = {}
         for s in sequences:
             cached = self._rows.get(s.request_id)
@@ -80,16 +79,20 @@ class DecodeInputs:
                 cached = (s.block_table, block_id_row(s.block_table))
             rows[s.request_id] = cached
         self._rows = rows
-        width = max((-(-(s.num_computed_tokens + 1) // bs) for s in sequences), default=0)
+        # Per-row values as arrays (one numpy assignment per field, not per row and field).
+        positions = np.fromiter((s.num_computed_tokens for s in sequences), np.int64, n)
+        used = (positions + bs) // bs  # blocks holding positions 0 .. pos
+        width = int(used.max()) if n else 0
         tables = self._host_tables.numpy()[:n * width].reshape(n, width)
         for b, s in enumerate(sequences):
-            ids = rows[s.request_id][1]
-            pos = s.num_computed_tokens
-            tokens[0, b], tokens[1, b] = s.token_ids[0], pos
-            tokens[2, b] = int(ids[pos // bs]) * bs + pos % bs
-            lens[b] = pos + 1
-            used = -(-(pos + 1) // bs)
-            tables[b, :used] = ids[:used]
+            tables[b, :used[b]] = rows[s.request_id][1][:used[b]]
+        tokens, lens = self._host_tokens.numpy(), self._host_lens.numpy()
+        tokens[0, :n] = [s.token_ids[0] for s in sequences]
+        tokens[1, :n] = positions
+        if n:
+            tokens[2, :n] = tables[np.arange(n), positions // bs].astype(np.int64) * bs \
+                + positions % bs
+        lens[:n] = positions + 1
         tokens[0, n:num_rows], tokens[1, n:num_rows], tokens[2, n:num_rows] = 0, 0, -1
         lens[n:num_rows] = 0
         self.tokens.copy_(self._host_tokens, non_blocking=True)

@@ -6,6 +6,7 @@ without importing triton on a CPU install.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,23 +28,37 @@ class DecodeTileConfig:
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
 
 
-# H200 entries: first guesses, re-checked by `benchmarks/decode_itl.py --sweep` (RESULTS.md).
-GPU_CONFIGS = {128: DecodeTileConfig(64, 4, 2), 64: DecodeTileConfig(64, 4, 2)}
-GPU_DEFAULT = DecodeTileConfig(64, 4, 2)
+# Measured on one H200 (benchmarks/results/decode_kernel_sweep.json, a Llama-3.1-8B layer:
+# 32/8 heads, head dim 128, bf16): one 128K sequence runs best split 64 ways with 64-key tiles
+# (141 us, 3.8 TB/s; 128-key tiles 147 us); 32 sequences of 4K best unsplit with 128-key tiles
+# (138 us, 3.9 TB/s; 3 splits of 64-key tiles 162 us). So a grid that already fills the GPU
+# (batch x Hkv programs >= multiprocessors) is not split and walks wide tiles; a smaller one
+# is split to PROGRAMS_PER_SM programs per multiprocessor and walks 64-key tiles.
+WIDE = DecodeTileConfig(128, 4, 2)
+NARROW = DecodeTileConfig(64, 4, 2)
 INTERPRETER = DecodeTileConfig(16, 4, 1)  # small tiles: CPU tests cross tile and split edges
 
 
-def pick_config(device: torch.device, head_dim: int) -> DecodeTileConfig:
-    if device.type != "cuda":
-        return INTERPRETER
-    return GPU_CONFIGS.get(head_dim, GPU_DEFAULT)
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def pick_num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     """Key splits per (sequence, KV head): a function of the batch shape only (never of the
     lengths), so that a captured graph serves every length."""
-    if device.type == "cuda":
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 8  # the interpreter: a few splits, so CPU tests merge them
-    return max(1, min(MAX_SPLITS, -(-target // max(1, batch * num_kv_heads))))
+    programs = max(1, batch * num_kv_heads)
+    if device.type != "cuda":
+        return max(1, min(MAX_SPLITS, -(-8 // programs)))  # a few: CPU tests merge splits
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    return max(1, min(MAX_SPLITS, -(-(PROGRAMS_PER_SM * sms) // programs)))
+
+
+def pick_config(device: torch.device, batch: int, num_kv_heads: int) -> DecodeTileConfig:
+    """Tiles for a batch shape (head dims 64 and 128 share the table: no measured reason to
+    differ)."""
+    if device.type != "cuda":
+        return INTERPRETER
+    return WIDE if pick_num_splits(batch, num_kv_heads, device) == 1 else NARROW

@@ -50,7 +50,7 @@ def paged_decode_attention_triton(
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
     group = num_heads_q // num_heads_kv
-    cfg = config or pick_config(q.device, head_dim)
+    cfg = config or pick_config(q.device, batch, num_heads_kv)
     splits = num_splits or pick_num_splits(batch, num_heads_kv, q.device)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
