@@ -5,11 +5,13 @@ client ──HTTP/SSE──► OpenAIIngress      auth, strict validation, token
                          │  prompt < local_prefill_max_tokens ?
                          ▼
                     DecodeServer ×N      local: prefill itself (dense), decode
-                         │  long prompt: reserve blocks, then call ──► PrefillServer ×M
-                         │                                              TriangleMix prefill
-                         │  ◄── token 0 + KV handle ─────────────────── KV leased in the
-                         │  pull KV (Ray object store), decode            Ray object store
-                         ▼
+                         │  long prompt: reserve blocks, offer KV destinations,
+                         │  then call (streaming) ───────────────────► PrefillServer ×M
+                         │                                              TriangleMix prefill;
+                         │  ◄═ each layer's K/V, written as computed ══ cuda_ipc / nccl /
+                         │  ◄── token 0 (at once), then the KV ──────── object store
+                         │      completion record
+                         ▼  decode once every layer is confirmed
                     tokens stream back through the ingress
 ```
 ``serve run deployments/prefill_decode.yaml`` calls ``app_builder`` with the YAML's ``args``.
@@ -28,9 +30,14 @@ from disagg.cli import default_cache_dir
 
 
 def _options(settings: ReplicaSettings, config: AppConfig) -> dict:
+    actor = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
+    if config.gpu_peer_access and settings.num_gpus > 0:
+        # Ray would show the replica only its own GPU; cuda_ipc handles of a pool on another
+        # GPU open only where that GPU is visible (runtime.replica_device picks our own).
+        actor["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
     return {
         "num_replicas": settings.num_replicas,
-        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "ray_actor_options": actor,
         "health_check_period_s": config.health_check_period_s,
         "max_ongoing_requests": 256,
         # On delete/shutdown (deployments/launch.py drains this way): Serve stops routing to

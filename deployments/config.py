@@ -32,8 +32,12 @@ class ReplicaSettings(BaseModel):
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 = run on CPU)")
 
 
+KV_TRANSPORTS = ("cuda_ipc", "nccl", "gloo", "object_store")
+
+
 class PrefillSettings(ReplicaSettings):
-    lease_s: float = Field(60.0, gt=0, description="seconds published KV waits to be pulled")
+    lease_s: float = Field(60.0, gt=0, description="seconds KV published to the object store "
+                                                   "waits to be copied by decode")
     max_leased_gib: float = Field(4.0, gt=0, description="refuse prompts while un-pulled KV "
                                                          "exceeds this (GiB)")
 
@@ -42,7 +46,12 @@ class DecodeSettings(ReplicaSettings):
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     kv_cache_gib: float = Field(1.0, gt=0, description="KV pool size per replica (GiB)")
     max_num_seqs: int = Field(64, ge=1, description="most sequences decoded together")
-    kv_pull_timeout_s: float = Field(60.0, gt=0, description="deadline of one KV pull")
+    remote_kv_timeout_s: float = Field(
+        300.0, gt=0, description="deadline of a disaggregated request from block reservation "
+                                 "until its KV is usable (its KV destination expires with it)")
+    cancel_grace_s: float = Field(
+        10.0, gt=0, description="rows of a request cancelled mid-prefill stay fenced this long "
+                                "(a cancelled prefill stops writing at its next layer)")
 
 
 class IngressSettings(ReplicaSettings):
@@ -68,6 +77,14 @@ class AppConfig(BaseModel):
     local_prefill_max_tokens: int = Field(
         512, ge=0, description="prompts shorter than this are prefilled by decode itself")
     trianglemix: TriangleMixSettings = TriangleMixSettings()
+    kv_transports: list[str] | None = Field(
+        None, description="KV backends decode offers, in order of preference (cuda_ipc, nccl, "
+                          "gloo, object_store); default: cuda_ipc then object_store on GPU, "
+                          "object_store on CPU")
+    gpu_peer_access: bool = Field(
+        False, description="start GPU replicas with every GPU of their node visible, each "
+                           "using its own, so cuda_ipc works between replicas on different "
+                           "GPUs of one node (NVLink peer copies)")
     prefill: PrefillSettings = PrefillSettings()
     decode: DecodeSettings = DecodeSettings()
     ingress: IngressSettings = IngressSettings()
@@ -83,7 +100,23 @@ class AppConfig(BaseModel):
         if (self.prefill.num_gpus == 0) != (self.decode.num_gpus == 0):
             raise ValueError("prefill and decode must both run on GPU or both on CPU "
                              "(KV moves between them in one dtype)")
+        gpu = self.decode.num_gpus > 0
+        for name in self.kv_transports or ():
+            if name not in KV_TRANSPORTS:
+                raise ValueError(f"unknown KV transport {name!r} (known: {KV_TRANSPORTS})")
+            if (name in ("cuda_ipc", "nccl") and not gpu) or (name == "gloo" and gpu):
+                raise ValueError(f"KV transport {name!r} does not run with decode on "
+                                 f"{'GPU' if gpu else 'CPU'}")
+        if self.kv_transports is not None and not self.kv_transports:
+            raise ValueError("kv_transports must name at least one backend")
         return self
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        """The KV backends decode offers, in order of preference."""
+        if self.kv_transports:
+            return tuple(self.kv_transports)
+        return ("cuda_ipc", "object_store") if self.decode.num_gpus > 0 else ("object_store",)
 
     @property
     def model_name(self) -> str:

@@ -1,21 +1,20 @@
-"""DecodeServer: a Serve deployment wrapping the decode engine and driving disaggregation.
+"""DecodeServer: a Serve deployment wrapping the decode engine; it drives disaggregation.
 
-The engine runs on its own thread (``EngineLoop``); this replica's methods talk to it.
+The engine runs on its own thread (``EngineLoop``); this replica talks to it through a
+``DecodeLoopClient``.
 
 Life of a request here (``generate``):
-- local path: ``add_request``; decode prefills the prompt itself (dense) and streams tokens.
-- disaggregated path:
-  1. ROUTED: ``add_remote_request`` reserves the prompt's blocks in this replica's pool;
-  2. PREFILLING: this replica calls the prefill deployment; token 0 comes back with a KV
-     handle and is streamed to the ingress at once (before any KV moves);
-  3. KV_TRANSFERRING: ``kv_ready`` checks the fingerprint and starts the pull from the Ray
-     object store; the engine loop polls it;
-  4. DECODING: tokens 1.. stream until the request finishes.
+- local path: the engine prefills the prompt itself (dense) and streams tokens.
+- disaggregated path: ``serve_disaggregated`` (``disagg/disaggregated.py``) -- reserve blocks
+  and offer KV destinations (cuda_ipc / nccl / object store, in the configured order), call
+  the prefill deployment (streaming): token 0 goes to the ingress the moment it arrives, the
+  KV completion record follows, then tokens 1.. stream from the engine. The last item carries
+  the request's timing breakdown.
   If the prefill deployment cannot take the call (its replicas died, or are gone because the
   app is being deleted or drained), the reservation is dropped and this replica prefills the
   prompt itself: the request is served on the local path instead of failing.
-Every exit (finish, error, client gone: Serve cancels this generator) aborts the request in
-the engine, which frees its blocks and releases the prefill lease.
+Every exit (finish, error, client gone: Serve cancels this generator) ends the request in the
+engine, which frees its blocks (or fences them while a prefill writer may still write).
 """
 
 from __future__ import annotations
@@ -30,18 +29,29 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
 from deployments.failures import REPLICA_GONE
+from deployments.kv_transports import build_receivers
 from deployments.messages import DecodeStats, StreamItem
 from deployments.metrics import Metrics
-from deployments.runtime import load_replica_model
+from deployments.runtime import load_replica_model, replica_device
 from disagg.decode.config import DecodeConfig
 from disagg.decode.engine import DecodeEngine
-from disagg.engine_loop import EngineLoop, EngineLoopStopped
-from disagg.errors import DisaggError
+from disagg.decode.loop_client import DecodeLoopClient
+from disagg.decode.request import TokenOutput
+from disagg.disaggregated import (
+    HandoffConfig,
+    HandoffTiming,
+    PrefillEvent,
+    PrefillUnavailableError,
+    serve_disaggregated,
+)
+from disagg.engine_loop import EngineLoop
+from disagg.errors import DisaggError, KVTransferError
 from disagg.openai.errors import APIError, from_exception
 from disagg.prefill.engine import PrefillBusyError
 from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
-from disagg.transport.ray_object_store import BACKEND, RayObjectStoreKVReceiver
+from disagg.transport.base import KVDestination, encode_offers
+from disagg.transport.direct import CUDA_IPC
 
 LOCAL, DISAGGREGATED = "local", "disaggregated"
 _GIB = 1 << 30
@@ -49,8 +59,35 @@ _HEARTBEAT_STALE_S = 30.0
 logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
 
 
-class _PrefillUnavailable(Exception):
-    """The prefill call failed before token 0: the request can still be prefilled here."""
+class ServePrefillClient:
+    """The prefill deployment as a ``PrefillClient``: one streaming call per request."""
+
+    def __init__(self, handle: DeploymentHandle, export=None):
+        self._handle = handle
+        self._export = export  # this pool's cuda_ipc handles (mapped once per prefill replica)
+
+    async def prefill(self, request: EngineRequest, offers: tuple[KVDestination, ...]
+                      ) -> AsyncIterator[PrefillEvent]:
+        stream = self._handle.options(stream=True).prefill.remote(
+            request, encode_offers(offers), self._export)
+        finished = False
+        try:
+            try:
+                first = await stream.__anext__()
+            except REPLICA_GONE as e:
+                raise PrefillUnavailableError(f"no prefill replica could take the call: "
+                                              f"{e!r}") from e
+            yield first
+            try:
+                async for event in stream:
+                    yield event
+            except REPLICA_GONE as e:  # it died mid-transfer: its writes stopped with it
+                raise KVTransferError(f"the prefill replica of {request.request_id!r} was lost "
+                                      f"before its KV was complete: {e!r}") from e
+            finished = True
+        finally:
+            if not finished:
+                stream.cancel()  # the prefill worker stops at its next layer
 
 
 @serve.deployment
@@ -58,20 +95,26 @@ class DecodeServer:
     async def __init__(self, config: AppConfig, prefill: DeploymentHandle):
         settings = config.decode
         loaded = load_replica_model(config, num_cpus=settings.num_cpus, num_gpus=settings.num_gpus)
-        self._prefill = prefill
         self._metrics = Metrics()
+        self._handoff = HandoffConfig(kv_complete_timeout_s=settings.remote_kv_timeout_s,
+                                      cancel_grace_s=settings.cancel_grace_s)
+        receivers = build_receivers(config, replica_device(config, settings.num_gpus))
         engine = DecodeEngine(
             loaded.model,
             DecodeConfig(block_size=settings.block_size,
                          kv_cache_bytes=int(settings.kv_cache_gib * _GIB),
                          max_num_seqs=settings.max_num_seqs,
                          max_num_batched_tokens=max(2048, settings.max_num_seqs),
-                         kv_pull_timeout_s=settings.kv_pull_timeout_s),
-            model_name=config.model_name, receiver=RayObjectStoreKVReceiver())
+                         remote_kv_timeout_s=settings.remote_kv_timeout_s),
+            model_name=config.model_name, receivers=receivers)
+        engine.warm_up()  # decode kernels compiled, CUDA graphs captured
+        ipc = engine.receivers.receivers.get(CUDA_IPC)
+        self._prefill = ServePrefillClient(prefill, ipc.export() if ipc is not None else None)
         self._loop = EngineLoop(engine, asyncio.get_running_loop())
         self._loop.start()
+        self._engine = DecodeLoopClient(self._loop)
         await self._warm_up()
-        await self._prefill.stats.remote()  # set up the route to prefill before serving
+        await prefill.stats.remote()  # set up the route to prefill before serving
 
     async def _warm_up(self) -> None:
         request = EngineRequest("warmup", (1, 2, 3, 4), SamplingParams(temperature=0.0), 2, 0)
@@ -81,13 +124,16 @@ class DecodeServer:
     async def generate(self, request: EngineRequest, path: str) -> AsyncIterator[StreamItem]:
         """Stream a request's tokens; errors become a final ``StreamItem`` with ``error``."""
         try:
-            runner = self._run_local if path == LOCAL else self._run_disaggregated
-            try:
-                async for item in runner(request):
+            if path == LOCAL:
+                async for item in self._run_local(request):
                     yield item
-            except _PrefillUnavailable as e:  # raised before anything was yielded
-                logger.warning("prefill unavailable (%r): request %s is prefilled here",
-                               e.__cause__, request.request_id)
+                return
+            try:
+                async for item in self._run_disaggregated(request):
+                    yield item
+            except PrefillUnavailableError as e:  # raised before anything was yielded
+                logger.warning("prefill unavailable (%s): request %s is prefilled here", e,
+                               request.request_id)
                 self._metrics.prefill_fallbacks.inc()
                 async for item in self._run_local(request):
                     yield item
@@ -99,66 +145,37 @@ class DecodeServer:
             yield StreamItem(finished=True, finish_reason="error", error=from_exception(e))
 
     async def _run_local(self, request: EngineRequest) -> AsyncIterator[StreamItem]:
-        stream = self._loop.open_stream(request.request_id)
         try:
-            await self._loop.call(lambda engine: engine.add_request(request))
-            async for item in self._drain(stream):
-                yield item
+            await self._engine.add_local(request)
+            async for out in self._engine.outputs(request.request_id):
+                yield _item(out)
         finally:
-            self._end(request.request_id)
+            self._engine.abort(request.request_id)
 
     async def _run_disaggregated(self, request: EngineRequest) -> AsyncIterator[StreamItem]:
-        rid = request.request_id
-        stream = self._loop.open_stream(rid)
-        try:
-            await self._loop.call(lambda engine: engine.add_remote_request(request))
-            try:
-                published = await self._prefill.prefill.remote(request)
-            except REPLICA_GONE as e:
-                raise _PrefillUnavailable() from e
-            yield StreamItem(token=published.first_token,
-                             finished=published.finish_reason is not None,
-                             finish_reason=published.finish_reason,
-                             prefill_s=published.prefill_s)
-            if published.handle is None:
-                return
-            t0 = time.perf_counter()
-            await self._loop.call(lambda engine: engine.kv_ready(
-                rid, published.handle, published.first_token, published.fingerprint))
-            first = True
-            async for item in self._drain(stream):
-                if first:  # KV transfer + first decode step
-                    first = False
-                    elapsed = time.perf_counter() - t0
-                    self._metrics.ttft_stage.observe(elapsed, tags={"stage": "transfer"})
-                    self._metrics.kv_transfer_bytes.inc(published.handle.num_bytes,
-                                                        tags={"backend": BACKEND})
-                    self._metrics.kv_transfer_seconds.observe(elapsed, tags={"backend": BACKEND})
-                yield item
-        finally:
-            self._end(rid)
-
-    async def _drain(self, stream: asyncio.Queue) -> AsyncIterator[StreamItem]:
-        while True:
-            out = await stream.get()
-            if isinstance(out, EngineLoopStopped):
-                raise out
-            error = from_exception(out.error) if out.error is not None else None
-            yield StreamItem(token=out.token, finished=out.finished,
-                             finish_reason=out.finish_reason, error=error)
+        timing = HandoffTiming()
+        async for out in serve_disaggregated(request, self._prefill, self._engine, timing,
+                                             self._handoff):
             if out.finished:
-                return
+                self._observe(timing)
+            yield _item(out, timing.to_dict() if out.finished else None)
 
-    def _end(self, request_id: str) -> None:
-        # Idempotent: after a normal finish the engine has forgotten the id already.
-        self._loop.close_stream(request_id)
-        done = self._loop.call(lambda engine: engine.abort(request_id))
-        done.add_done_callback(lambda f: f.exception())  # nobody awaits it: consume errors
+    def _observe(self, timing: HandoffTiming) -> None:
+        stages = {"queue": timing.queue_s, "prefill": timing.prefill_s,
+                  "transfer": timing.transfer_s, "first_decode": timing.first_decode_s}
+        for stage, seconds in stages.items():
+            if seconds is not None:
+                self._metrics.ttft_stage.observe(seconds, tags={"stage": stage})
+        if timing.backend is not None and timing.transfer_s is not None:
+            self._metrics.kv_transfer_bytes.inc(timing.kv_bytes, tags={"backend": timing.backend})
+            self._metrics.kv_transfer_seconds.observe(timing.transfer_s,
+                                                      tags={"backend": timing.backend})
 
     async def stats(self) -> DecodeStats:
         def read(engine: DecodeEngine) -> DecodeStats:
             return DecodeStats(engine.num_free_blocks, engine.num_total_blocks,
-                               engine.has_unfinished(), engine.num_forwards)
+                               engine.has_unfinished(), engine.num_forwards,
+                               engine.num_fenced_blocks)
 
         stats = await self._loop.call(read)
         self._metrics.kv_blocks_free.set(stats.num_free_blocks)
@@ -178,5 +195,13 @@ class DecodeServer:
             return
         loop.stop(timeout_s=5.0)
         engine = loop.engine  # the engine thread is gone: read it directly
+        if engine.receivers is not None:
+            engine.receivers.close()
         logger.info("DecodeServer stopping: %d/%d KV blocks free, unfinished requests: %s",
                     engine.num_free_blocks, engine.num_total_blocks, engine.has_unfinished())
+
+
+def _item(out: TokenOutput, timing: dict | None = None) -> StreamItem:
+    error = from_exception(out.error) if out.error is not None else None
+    return StreamItem(token=out.token, finished=out.finished, finish_reason=out.finish_reason,
+                      error=error, timing=timing)

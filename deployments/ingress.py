@@ -198,7 +198,7 @@ class OpenAIIngress:
                                   num_prompt_tokens=request.num_prompt_tokens,
                                   tokenizer=self._tokenizer,
                                   want_logprobs=params.logprobs is not None)
-        items = self._items(first, stream, processor, path, t_start)
+        items = self._items(first, stream, processor, path, t_start, builder)
         headers = {PATH_HEADER: path}
         if body.stream:
             return StreamingResponse(self._sse(items, builder, body.include_usage),
@@ -212,13 +212,15 @@ class OpenAIIngress:
         return JSONResponse(whole, headers=headers)
 
     async def _items(self, first: StreamItem, stream, processor: OutputProcessor, path: str,
-                     t_start: float) -> AsyncIterator[tuple]:
+                     t_start: float, builder: ResponseBuilder) -> AsyncIterator[tuple]:
         """(delta, error) pairs of the request; cancels the decode stream on an early exit."""
         item, status, t_first = first, "200", None
         try:
             while True:
                 if item.error is not None:
                     status = str(item.error.status)
+                if item.timing is not None:
+                    builder.timing = item.timing
                 delta = processor.push(item.token, item.finish_reason if item.finished else None)
                 if item.token is not None and t_first is None:
                     t_first = time.perf_counter()

@@ -13,14 +13,15 @@ class StreamItem:
     """One item of a decode replica's token stream to the ingress.
 
     ``error`` set: the request failed (before the first token it becomes the HTTP status).
-    ``prefill_s``: on the first item of the disaggregated path, the prefill time.
+    ``timing``: on the last item of a disaggregated request, its ``HandoffTiming.to_dict()``
+    (queue, prefill, transfer, first decode seconds; KV backend, bytes, GB/s).
     """
 
     token: SampledToken | None = None
     finished: bool = False
     finish_reason: str | None = None
     error: APIError | None = None
-    prefill_s: float | None = None
+    timing: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,12 @@ class DecodeStats:
     num_total_blocks: int
     has_unfinished: bool
     num_forwards: int
+    num_fenced_blocks: int = 0
 
 
 @dataclass(frozen=True)
 class PrefillStats:
-    num_leases: int
+    num_leases: int  # object-store KV published and not yet copied by decode
     leased_bytes: int
     num_prefills: int
+    num_running: int = 0  # prefills queued or running on the worker

@@ -1,32 +1,39 @@
 """PrefillServer: a Serve deployment wrapping the prefill engine.
 
-Life of a request here:
-1. ``prefill(request)`` is called by the decode replica that reserved the request's blocks.
-2. The prompt runs on a single worker thread (one prefill at a time per replica; the event
-   loop stays free for lease releases and health checks).
-3. Token 0 and a ``KVHandle`` go back; the KV waits in the Ray object store under a lease
-   until the decode side pulls and releases it, or the lease expires.
-Un-pulled KV over the budget makes ``prefill`` answer 503 (``PrefillBusyError``).
-On shutdown Serve first lets in-flight ``prefill`` calls finish; ``__del__`` then logs the
-leases still held, which die with this replica (the lease keeper shares its fate).
+Life of a request here (``prefill``, a streaming call from the decode replica that reserved
+the request's blocks):
+1. The offered KV destinations arrive as msgpack; a decode pool's cuda_ipc handles are mapped
+   the first time this replica sees them (then kept).
+2. ``run_prefill`` (``disagg/prefill/worker.py``): the prompt runs on the single worker thread
+   (the event loop stays free for stats, health checks and other streams), each layer's KV
+   written towards the first destination this replica can reach.
+3. Token 0 is yielded the moment it is sampled; the ``KVCompletion`` record follows once every
+   layer's write is confirmed. A cancelled call stops the worker at its next layer.
+Un-pulled object-store KV over the budget makes ``prefill`` answer 503 (``PrefillBusyError``).
+Ready only after a warm-up that compiles every kernel a served prefill runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
 from deployments.config import AppConfig
+from deployments.kv_transports import build_senders
 from deployments.messages import PrefillStats
 from deployments.metrics import Metrics
-from deployments.runtime import load_replica_model, trianglemix_config
-from disagg.prefill.engine import PrefillConfig, PrefillEngine, PublishedPrefill
+from deployments.runtime import load_replica_model, replica_device, trianglemix_config
+from disagg.disaggregated import FirstToken, PrefillEvent
+from disagg.prefill.engine import PrefillConfig, PrefillEngine
+from disagg.prefill.warmup import warm_up_prefill
+from disagg.prefill.worker import run_prefill
 from disagg.request import EngineRequest
-from disagg.sampling import SamplingParams
-from disagg.transport.ray_object_store import RayObjectStoreKVSender
+from disagg.transport.base import decode_offers
+from disagg.transport.direct import CUDA_IPC, CudaIpcExport
 
 _GIB = 1 << 30
 logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
@@ -41,38 +48,49 @@ class PrefillServer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
         self._metrics = Metrics()
         self._queued_tokens = 0
+        self._num_running = 0
         self._num_prefills = 0
         self.engine = PrefillEngine(
             loaded.model, model_name=config.model_name,
             trianglemix=trianglemix_config(config, loaded.config),
-            sender=RayObjectStoreKVSender(),
+            senders=build_senders(config, replica_device(config, settings.num_gpus)),
             config=PrefillConfig(lease_s=settings.lease_s,
                                  max_leased_bytes=int(settings.max_leased_gib * _GIB)),
         )
-        # Ready only after a warm-up prefill (first-call costs stay out of served requests).
-        warmup = EngineRequest("warmup", (1, 2, 3, 4), SamplingParams(temperature=0.0), 1, 0)
-        self.engine.prefill(warmup)
+        report = warm_up_prefill(self.engine)
+        logger.info("PrefillServer warm-up: prompts of %s tokens in %.1f s",
+                    report.prompt_lengths, report.seconds)
 
-    async def prefill(self, request: EngineRequest) -> PublishedPrefill:
-        self._queued_tokens += request.num_prompt_tokens
+    async def prefill(self, request: EngineRequest, offers: bytes,
+                      cuda_ipc: CudaIpcExport | None = None) -> AsyncIterator[PrefillEvent]:
+        destinations = decode_offers(offers)
+        ipc = self.engine.senders.get(CUDA_IPC)
+        if cuda_ipc is not None and ipc is not None:
+            ipc.register(cuda_ipc)  # maps only the first time this endpoint is seen
+        await asyncio.to_thread(self.engine.check_capacity)
+        n = request.num_prompt_tokens
+        self._queued_tokens += n
+        self._num_running += 1
         self._metrics.prefill_queue_tokens.set(self._queued_tokens)
         try:
-            loop = asyncio.get_running_loop()
-            published = await loop.run_in_executor(
-                self._executor, self.engine.prefill_and_publish, request, self._eos)
+            async for event in run_prefill(self.engine, request, destinations,
+                                           executor=self._executor, eos_token_ids=self._eos):
+                if isinstance(event, FirstToken):
+                    self._queued_tokens -= n
+                    n = 0
+                    self._metrics.prefill_queue_tokens.set(self._queued_tokens)
+                    self._metrics.ttft_stage.observe(event.prefill_s, tags={"stage": "prefill"})
+                yield event
+            self._num_prefills += 1
         finally:
-            self._queued_tokens -= request.num_prompt_tokens
+            self._queued_tokens -= n
+            self._num_running -= 1
             self._metrics.prefill_queue_tokens.set(self._queued_tokens)
-        self._num_prefills += 1
-        self._metrics.ttft_stage.observe(published.prefill_s, tags={"stage": "prefill"})
-        return published
 
     async def stats(self) -> PrefillStats:
-        sender = self.engine.sender
-        num_leases, leased_bytes = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: (sender.num_leases, sender.leased_bytes))
+        num_leases, leased_bytes = await asyncio.to_thread(self.engine.leased)
         self._metrics.kv_leases_active.set(num_leases)
-        return PrefillStats(num_leases, leased_bytes, self._num_prefills)
+        return PrefillStats(num_leases, leased_bytes, self._num_prefills, self._num_running)
 
     async def check_health(self) -> None:
         await self.stats()  # also expires stale leases
@@ -82,9 +100,11 @@ class PrefillServer:
         if engine is None:  # the constructor failed
             return
         try:
-            num_leases, leased_bytes = engine.sender.num_leases, engine.sender.leased_bytes
+            num_leases, leased_bytes = engine.leased()
         except Exception as e:  # noqa: BLE001 (best effort at exit: the keeper may be gone)
             logger.warning("PrefillServer stopping; lease count unavailable: %r", e)
             return
+        for sender in engine.senders.values():
+            sender.close()
         logger.info("PrefillServer stopping: %d KV leases outstanding (%d bytes), %d prefills "
                     "served", num_leases, leased_bytes, self._num_prefills)

@@ -38,13 +38,27 @@ def load_replica_model(config: AppConfig, *, num_cpus: float, num_gpus: float,
     source = resolve_source(config)
     model = None
     if with_weights:
-        device = torch.device("cuda" if num_gpus > 0 else "cpu")
+        device = replica_device(config, num_gpus)
         if config.dtype == "auto":
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         else:
             dtype = _DTYPES[config.dtype]
         model = load_model(source, device=device, dtype=dtype)
     return ReplicaModel(source, source.model_config(), model, load_tokenizer(source))
+
+
+def replica_device(config: AppConfig, num_gpus: float) -> torch.device:
+    """This replica's device. With ``gpu_peer_access`` every GPU of the node is visible, so
+    the replica selects the one Ray assigned it (its physical index)."""
+    if num_gpus <= 0:
+        return torch.device("cpu")
+    if not config.gpu_peer_access:
+        return torch.device("cuda")
+    import ray
+
+    device = torch.device("cuda", int(ray.get_gpu_ids()[0]))
+    torch.cuda.set_device(device)
+    return device
 
 
 def trianglemix_config(config: AppConfig, model_config: ModelConfig) -> TriangleMixConfig | None:

@@ -36,6 +36,7 @@ class ResponseBuilder:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     num_completion_tokens: int = 0
+    timing: dict | None = None  # a disaggregated request's TTFT breakdown (usage extension)
     _text_offset: int = 0
     _sent_role: bool = False  # chat: the first chunk carries the role
 
@@ -44,9 +45,14 @@ class ResponseBuilder:
         return ("chatcmpl-" if self.chat else "cmpl-") + self.id
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.num_prompt_tokens,
-                "completion_tokens": self.num_completion_tokens,
-                "total_tokens": self.num_prompt_tokens + self.num_completion_tokens}
+        """OpenAI's usage, plus ``disagg_timing`` (queue / prefill / transfer / first decode
+        seconds, KV backend, bytes, GB/s) when the request was disaggregated."""
+        usage = {"prompt_tokens": self.num_prompt_tokens,
+                 "completion_tokens": self.num_completion_tokens,
+                 "total_tokens": self.num_prompt_tokens + self.num_completion_tokens}
+        if self.timing is not None:
+            usage["disagg_timing"] = self.timing
+        return usage
 
     def _token_str(self, token_id: int) -> str:
         if self.tokenizer is None:

@@ -38,12 +38,40 @@ class _FakeMethod:
         return reply()
 
 
+class _FakeGoneStream:
+    """A streaming call whose replica is gone: its first item raises."""
+
+    def __init__(self, error: Exception):
+        self._error = error
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        raise self._error
+
+    def cancel(self):
+        pass
+
+
+class _FakeStreamingMethod:
+    def __init__(self, error: Exception):
+        self.error, self.calls = error, 0
+
+    def remote(self, *args):
+        self.calls += 1
+        return _FakeGoneStream(self.error)
+
+
 class FakeGonePrefillHandle:
     """Test fake of the prefill DeploymentHandle: set up fine, then every prefill call fails."""
 
     def __init__(self, error: Exception):
         self.stats = _FakeMethod(result=None)
-        self.prefill = _FakeMethod(error=error)
+        self.prefill = _FakeStreamingMethod(error)
+
+    def options(self, **kwargs):
+        return self
 
 
 async def _server(prefill) -> DecodeServer:

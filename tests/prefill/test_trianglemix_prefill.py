@@ -48,7 +48,7 @@ def test_triangle_layer_equals_attention_under_the_explicit_mask(n, params, head
         assert rel_rms(out, dense_ref) > 1e-3  # the middle really is skipped
     else:  # short prompts: the mask keeps everything, and the dense path runs
         assert rel_rms(out, dense_ref) < 1e-5
-    assert torch.equal(meta.kv.k[0], k) and torch.equal(meta.kv.v[0], v)
+    assert torch.equal(meta.sink.k[0], k) and torch.equal(meta.sink.v[0], v)
 
 
 def test_short_prompts_and_shallow_layers_are_dense():
