@@ -12,10 +12,18 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch_dist_peer as peer
+from torch_dist_peer import (
+    LIVENESS_S,
+    Prefill,
+    complete,
+    finished,
+    offer,
+    roundtrip,
+    table,
+    unwritten,
+)
 
-from disagg.kv.block_pool import BlockRange, BlockTable
 from disagg.kv.layout import KVLayout
 from disagg.kv.paged_cache import PagedKVCache
 from disagg.transport.base import KVCompletion, TransferStatus
@@ -23,98 +31,30 @@ from disagg.transport.torch_dist import TorchDistKVReceiver, TorchDistKVSender
 
 NUM_LAYERS, BLOCK_SIZE, NUM_BLOCKS = 3, 4, 16
 TIMEOUT_S = 5.0  # the backend's own timeout on both sides
-LIVENESS_S = 60.0  # a spawned process imports torch first: slow on a loaded machine
-
-
-class Prefill:
-    """A spawned prefill process and its command pipe."""
-
-    def __init__(self):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=peer.serve, args=(child, "gloo", TIMEOUT_S), daemon=True)
-        self.proc.start()
-
-    def send(self, *cmd) -> None:
-        self.conn.send(list(cmd))
-
-    def reply(self) -> list:
-        assert self.conn.poll(LIVENESS_S), "the prefill process did not answer"
-        return self.conn.recv()
-
-    def stop(self) -> None:
-        if self.proc.is_alive():
-            self.send("stop")
-            self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
 def prefill():
-    p = Prefill()
+    p = Prefill("gloo", TIMEOUT_S)
     yield p
     p.stop()
 
 
-@pytest.fixture
-def decode():
+def poisoned_cache() -> PagedKVCache:
     layout = KVLayout(NUM_LAYERS, peer.NUM_KV_HEADS, peer.HEAD_DIM, torch.float32)
     cache = PagedKVCache(layout, NUM_BLOCKS, BLOCK_SIZE)
     for t in (*cache.k, *cache.v):
         t.fill_(float("nan"))
+    return cache
+
+
+@pytest.fixture
+def decode():
+    cache = poisoned_cache()
     receiver = TorchDistKVReceiver("gloo", host="127.0.0.1", timeout_s=TIMEOUT_S)
     receiver.attach(cache)
     yield receiver, cache
     receiver.close()
-
-
-def table(*ranges: tuple[int, int]) -> BlockTable:
-    return BlockTable(tuple(BlockRange(start, n) for start, n in ranges))
-
-
-def offer(receiver, rid: str, blocks: BlockTable, num_tokens: int, ttl_s: float = 60.0):
-    runs = tuple(blocks.slot_runs(BLOCK_SIZE, 0, num_tokens))
-    return receiver.destination(rid, runs, num_tokens, ttl_s=ttl_s)
-
-
-def complete(receiver, dest, reply: list) -> None:
-    assert reply[0] == "done", reply
-    receiver.complete(KVCompletion(peer.header(dest), "gloo", reply[1], reply[2], 0.0))
-
-
-def finished(receiver, rid: str):
-    deadline = time.monotonic() + LIVENESS_S
-    while (result := receiver.poll(rid)).status is TransferStatus.PENDING:
-        assert time.monotonic() < deadline, f"{rid} still pending"
-        time.sleep(0.005)
-    return result
-
-
-def assert_kv(cache, blocks: BlockTable, num_tokens: int, seed: int) -> None:
-    packed = cache.read_packed(blocks, num_tokens)
-    for layer in range(NUM_LAYERS):
-        k, v = peer.layer_kv(seed, layer, num_tokens)
-        assert torch.equal(packed.k[layer], k) and torch.equal(packed.v[layer], v), layer
-
-
-def roundtrip(receiver, cache, prefill, rid: str, blocks: BlockTable, num_tokens: int,
-              seed: int) -> list:
-    dest = offer(receiver, rid, blocks, num_tokens)
-    prefill.send("send", dest.to_list(), seed, NUM_LAYERS, None)
-    reply = prefill.reply()
-    # Whatever has arrived, KV without its completion record is never usable.
-    assert receiver.poll(rid).status is TransferStatus.PENDING
-    complete(receiver, dest, reply)
-    assert finished(receiver, rid).status is TransferStatus.DONE
-    assert_kv(cache, blocks, num_tokens, seed)
-    receiver.release(rid)
-    return reply
-
-
-def unwritten(cache, slots: range, layers=range(NUM_LAYERS)) -> bool:
-    return all(torch.isnan(t[slots.start:slots.stop]).all()
-               for layer in layers for t in (cache.k[layer], cache.v[layer]))
 
 
 def test_kv_arrives_bit_exact_in_non_contiguous_runs_over_one_pairing(decode, prefill):
@@ -133,7 +73,7 @@ def test_kv_arrives_bit_exact_in_non_contiguous_runs_over_one_pairing(decode, pr
 
 def test_release_mid_transfer_keeps_the_pairing_in_step(decode, prefill):
     receiver, cache = decode
-    doomed = offer(receiver, "a", table((2, 3)), 10)  # slots 8..17
+    doomed = offer(receiver, cache, "a", table((2, 3)), 10)  # slots 8..17
     prefill.send("send", doomed.to_list(), 5, NUM_LAYERS, 1)
     assert prefill.reply() == ["paused"]
     polled = []
@@ -154,7 +94,7 @@ def test_release_mid_transfer_keeps_the_pairing_in_step(decode, prefill):
 
 def test_abort_by_prefill_ends_the_transfer_aborted(decode, prefill):
     receiver, cache = decode
-    dest = offer(receiver, "x", table((3, 2)), 6)
+    dest = offer(receiver, cache, "x", table((3, 2)), 6)
     prefill.send("abort", dest.to_list(), 4, NUM_LAYERS, 1)
     assert prefill.reply() == ["aborted"]
     assert finished(receiver, "x").status is TransferStatus.ABORTED
@@ -165,13 +105,13 @@ def test_abort_by_prefill_ends_the_transfer_aborted(decode, prefill):
 def test_writer_refuses_an_expired_destination(decode, prefill):
     receiver, cache = decode
     roundtrip(receiver, cache, prefill, "warm", table((0, 1)), 3, seed=1)
-    old = offer(receiver, "old", table((3, 1)), 4, ttl_s=-1.0)
+    old = offer(receiver, cache, "old", table((3, 1)), 4, ttl_s=-1.0)
     prefill.send("send", old.to_list(), 2, NUM_LAYERS, None)
     assert prefill.reply()[:2] == ["error", "KVTransferAborted"]
     assert receiver.poll("old").status is TransferStatus.EXPIRED
     assert unwritten(cache, range(12, 16))
 
-    mid = offer(receiver, "mid", table((4, 1)), 4, ttl_s=2.5)  # slots 16..19
+    mid = offer(receiver, cache, "mid", table((4, 1)), 4, ttl_s=2.5)  # slots 16..19
     prefill.send("send", mid.to_list(), 3, NUM_LAYERS, 1)
     assert prefill.reply() == ["paused"]
     time.sleep(max(mid.expires_at - time.time(), 0.0) + 0.05)
@@ -186,9 +126,9 @@ def test_writer_refuses_an_expired_destination(decode, prefill):
 def test_killed_sender_fails_its_transfer_and_spares_other_pairings(decode, prefill):
     receiver, cache = decode
     roundtrip(receiver, cache, prefill, "before", table((0, 2)), 5, seed=1)
-    doomed = Prefill()
+    doomed = Prefill("gloo", TIMEOUT_S)
     try:
-        dest = offer(receiver, "k", table((6, 2)), 8, ttl_s=600.0)
+        dest = offer(receiver, cache, "k", table((6, 2)), 8, ttl_s=600.0)
         doomed.send("send", dest.to_list(), 9, NUM_LAYERS, 1)
         assert doomed.reply() == ["paused"]
         doomed.proc.kill()
@@ -203,8 +143,7 @@ def test_killed_sender_fails_its_transfer_and_spares_other_pairings(decode, pref
 
 
 def test_close_ends_idle_pairings(prefill):
-    layout = KVLayout(NUM_LAYERS, peer.NUM_KV_HEADS, peer.HEAD_DIM, torch.float32)
-    cache = PagedKVCache(layout, NUM_BLOCKS, BLOCK_SIZE)
+    cache = poisoned_cache()
     receiver = TorchDistKVReceiver("gloo", host="127.0.0.1", timeout_s=TIMEOUT_S)
     receiver.attach(cache)
     roundtrip(receiver, cache, prefill, "r", table((1, 1)), 2, seed=3)
@@ -217,12 +156,12 @@ def test_protocol_edges_without_a_peer():
     with pytest.raises(ValueError):
         TorchDistKVSender("mpi")
     sender = TorchDistKVSender("gloo")
-    layout = KVLayout(NUM_LAYERS, peer.NUM_KV_HEADS, peer.HEAD_DIM, torch.float32)
+    cache = poisoned_cache()
     receiver = TorchDistKVReceiver("gloo", host="127.0.0.1", timeout_s=TIMEOUT_S)
-    receiver.attach(PagedKVCache(layout, NUM_BLOCKS, BLOCK_SIZE))
+    receiver.attach(cache)
     try:
-        a = offer(receiver, "a", table((0, 1)), 4)
-        b = offer(receiver, "b", table((1, 1)), 4, ttl_s=-1.0)
+        a = offer(receiver, cache, "a", table((0, 1)), 4)
+        b = offer(receiver, cache, "b", table((1, 1)), 4, ttl_s=-1.0)
         assert a.transfer_id != b.transfer_id and a.endpoint.startswith("127.0.0.1:")
         assert sender.accepts(a) and not TorchDistKVSender("nccl").accepts(a)
         assert sender.leased() == (0, 0)
