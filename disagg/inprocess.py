@@ -40,11 +40,11 @@ class InProcessDisaggregated:
 
     @classmethod
     def build(cls, model, *, model_name: str, trianglemix=None,
-              decode_config: DecodeConfig = DecodeConfig(), eos_token_ids: tuple[int, ...] = ()
+              decode_config: DecodeConfig | None = None, eos_token_ids: tuple[int, ...] = ()
               ) -> InProcessDisaggregated:
         prefill = PrefillEngine(model, model_name=model_name, trianglemix=trianglemix,
                                 senders=(DirectKVSender(),))
-        decode = DecodeEngine(model, decode_config, model_name=model_name,
+        decode = DecodeEngine(model, decode_config or DecodeConfig(), model_name=model_name,
                               receivers=(DirectKVReceiver(),))
         return cls(prefill, decode, eos_token_ids)
 
