@@ -7,6 +7,7 @@ The engines receive frozen dataclasses built from it (``PrefillConfig``, ``Decod
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -52,6 +53,10 @@ class DecodeSettings(ReplicaSettings):
     cancel_grace_s: float = Field(
         10.0, gt=0, description="rows of a request cancelled mid-prefill stay fenced this long "
                                 "(a cancelled prefill stops writing at its next layer)")
+    on_kv_failure: Literal["error", "local_prefill"] = Field(
+        "error", description="a KV hand-off that fails after token 0: end the request with an "
+                             "error, or recompute prompt + token 0 here (reported as "
+                             "kv_recomputed in the usage's disagg_timing)")
 
 
 class IngressSettings(ReplicaSettings):

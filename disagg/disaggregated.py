@@ -11,6 +11,10 @@
    confirmed written); ``DecodeClient.kv_complete`` checks it (fingerprint, token 0) and the
    decode engine makes the KV usable. Decode never decodes without this record.
 5. DECODING: tokens 1.. stream from the decode engine until the request finishes.
+   A hand-off that fails after token 0 (no completion in time, a lost prefill replica, a
+   rejected record) ends the request with a clear error, or, with ``on_kv_failure =
+   "local_prefill"``, decode recomputes prompt + token 0 densely and goes on (reported as
+   ``kv_recomputed``).
 6. END (any exit: finish, error, client gone, a deadline): the decode request is aborted
    (blocks freed); if the prefill stream had not ended, it is cancelled (the worker stops at
    its next layer) and the request's rows stay fenced for ``cancel_grace_s`` at most; once the
@@ -71,6 +75,9 @@ class DecodeClient(Protocol):
 
     def outputs(self, request_id: str) -> AsyncIterator[TokenOutput]: ...
 
+    async def add_local(self, request: EngineRequest, generated: tuple[int, ...] = ()
+                        ) -> None: ...
+
     def writer_done(self, request_id: str) -> None: ...
 
     def abort(self, request_id: str, *, fence_grace_s: float | None = None) -> None: ...
@@ -103,10 +110,15 @@ class HandoffTiming:
 
 @dataclass(frozen=True)
 class HandoffConfig:
-    """Deadlines of the hand-off."""
+    """Deadlines of the hand-off, and what a failed one does."""
 
     kv_complete_timeout_s: float = 300.0  # token 0 -> completion record
     cancel_grace_s: float = 10.0  # a cancelled prefill writes at most this long after
+    on_kv_failure: str = "error"  # "error": end the request; "local_prefill": decode recomputes
+
+    def __post_init__(self):
+        if self.on_kv_failure not in ("error", "local_prefill"):
+            raise ValueError("on_kv_failure must be 'error' or 'local_prefill'")
 
 
 async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
@@ -132,24 +144,22 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
             await events.expect_end()
             return
         try:
-            completion = await asyncio.wait_for(events.next(), config.kv_complete_timeout_s)
-        except TimeoutError as e:
-            raise KVTransferError(f"no KV completion for {rid!r} within "
-                                  f"{config.kv_complete_timeout_s} s of token 0") from e
-        except StopAsyncIteration as e:
-            raise KVTransferError(f"prefill of {rid!r} ended without completing its KV") from e
-        if not isinstance(completion, KVCompletion):
-            raise KVTransferError(f"prefill of {rid!r} sent {type(completion).__name__}, not "
-                                  "the KV completion")
-        await events.expect_end()
-        await decode.kv_complete(rid, first.token, completion)
+            completion = await _completion(events, config.kv_complete_timeout_s, rid)
+            await decode.kv_complete(rid, first.token, completion)
+        except DisaggError:
+            if config.on_kv_failure != "local_prefill":
+                raise
+            decode.abort(rid, fence_grace_s=None if events.ended else config.cancel_grace_s)
+            await decode.add_local(request, generated=(first.token.token_id,))
+            timing.kv_recomputed = True
+        else:
+            timing.backend, timing.kv_bytes = completion.backend, completion.num_bytes
         t_kv = time.perf_counter()
-        timing.transfer_s, timing.backend = t_kv - t_token0, completion.backend
-        timing.kv_bytes = completion.num_bytes
+        timing.transfer_s = t_kv - t_token0
         async for out in decode.outputs(rid):
             if timing.first_decode_s is None and out.token is not None:
                 timing.first_decode_s = time.perf_counter() - t_kv
-            timing.kv_recomputed = out.kv_recomputed
+            timing.kv_recomputed |= out.kv_recomputed
             yield out
             if out.finished:
                 return
@@ -160,6 +170,22 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
         else:
             decode.abort(rid, fence_grace_s=config.cancel_grace_s)
             await events.aclose()
+
+
+async def _completion(events: _PrefillStream, timeout_s: float, rid: str) -> KVCompletion:
+    """The completion record, the prefill stream's last event."""
+    try:
+        completion = await asyncio.wait_for(events.next(), timeout_s)
+    except TimeoutError as e:
+        raise KVTransferError(f"no KV completion for {rid!r} within {timeout_s} s of "
+                              "token 0") from e
+    except StopAsyncIteration as e:
+        raise KVTransferError(f"prefill of {rid!r} ended without completing its KV") from e
+    if not isinstance(completion, KVCompletion):
+        raise KVTransferError(f"prefill of {rid!r} sent {type(completion).__name__}, not the "
+                              "KV completion")
+    await events.expect_end()
+    return completion
 
 
 class _PrefillStream:

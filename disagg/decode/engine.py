@@ -59,9 +59,11 @@ class DecodeEngine:
         self.scheduler = Scheduler(config, self.pool, arrivals, tuple(eos))
         self.runner = ModelRunner(model, self.cache, max_num_seqs=config.max_num_seqs)
 
-    def add_request(self, request: EngineRequest) -> None:
-        """Queue a request whose prompt this engine prefills itself."""
-        self.scheduler.add(request)
+    def add_request(self, request: EngineRequest, generated: tuple[int, ...] = ()) -> None:
+        """Queue a request whose prompt this engine prefills itself. ``generated``: tokens
+        already sent to the client (token 0 of a hand-off that failed), computed with the
+        prompt and counted as generated, so sampling and limits go on where they were."""
+        self.scheduler.add(request, generated)
 
     def add_remote_request(self, request: EngineRequest) -> None:
         """Reserve blocks for a request whose KV a prefill engine will produce."""

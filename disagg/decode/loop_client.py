@@ -42,9 +42,10 @@ class DecodeLoopClient:
         await self.loop.call(lambda engine: engine.kv_complete(request_id, first_token,
                                                                completion))
 
-    async def add_local(self, request: EngineRequest) -> None:
+    async def add_local(self, request: EngineRequest, generated: tuple[int, ...] = ()) -> None:
+        """Queue ``request`` for this engine to prefill itself (after ``generated``)."""
         self._streams[request.request_id] = self.loop.open_stream(request.request_id)
-        await self.loop.call(lambda engine: engine.add_request(request))
+        await self.loop.call(lambda engine: engine.add_request(request, generated))
 
     async def outputs(self, request_id: str) -> AsyncIterator[TokenOutput]:
         stream = self._streams[request_id]

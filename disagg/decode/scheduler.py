@@ -75,9 +75,10 @@ class Scheduler:
         """Requests, ends not yet reported, or fenced rows still to be freed."""
         return bool(self.requests) or bool(self._outputs) or bool(self.arrivals.num_fenced_blocks)
 
-    def add(self, request: EngineRequest) -> None:
+    def add(self, request: EngineRequest, generated: tuple[int, ...] = ()) -> None:
         self._check_new(request)
-        req = DecodeRequest(request, RequestStatus.WAITING)
+        req = DecodeRequest(request, RequestStatus.WAITING,
+                            token_ids=[*request.prompt_token_ids, *generated])
         self.requests[request.request_id] = req
         self.waiting.append(req)
 

@@ -10,12 +10,13 @@ Life of one hand-off here:
    (prefill rank 0, decode rank 1) on ``PrefixStore("pairing/<n>/", store)``; the receiver's
    listener thread sees the counter move and builds its side in a thread of its own for that
    pairing. A hello message proves the group works (and makes NCCL connect) before use.
-3. ``open`` announces the transfer in the store (``open/<seq>`` = transfer id and expiry):
-   the pairing's receiving thread sleeps in ``store.wait`` while nothing is announced, because
-   a process-group receive cannot wait idle -- gloo closes the pair when a wait times out.
+3. ``open`` announces the transfer in the store (``open/<seq>`` = transfer id, expiry, number
+   of layers, run lengths): the pairing's receiving thread sleeps in ``store.wait`` while
+   nothing is announced, because a process-group receive cannot wait idle -- gloo closes the
+   pair when a wait times out.
 4. ``write_layer`` posts, on the pairing's stream (ordered after the layer's compute), a header
-   ``[kind, transfer_id, layer, num_tokens, num_runs]``, the run lengths, then K and V of each
-   run. The receiving thread reads the header and receives each run straight into the pool rows
+   ``[kind, transfer_id, layer, num_tokens, num_runs]``, then K and V of each run. The
+   receiving thread reads the header and receives each run straight into the pool rows
    ``cache.k[layer][slot:slot + n]`` (contiguous views, no staging copy). A transfer that decode
    released, that expired or that failed is received into a scratch buffer and dropped: the
    stream stays in step, and the rows are never written for a request that no longer owns them.
@@ -53,7 +54,7 @@ from disagg.transport.base import (
 )
 from disagg.transport.torch_dist_channel import (
     ABORT,
-    CLOSED,
+    CLOSED_ANNOUNCEMENT,
     COMM_ERRORS,
     GLOO,
     HELLO,
@@ -93,7 +94,8 @@ class _PrefillPairing:
                 self.error = "decode closed the pairing"
                 self._check()
             self._store.set(f"open/{self._seq}", msgpack.packb(
-                [LAYER, destination.transfer_id, destination.expires_at, num_layers]))
+                [LAYER, destination.transfer_id, destination.expires_at, num_layers,
+                 run_lengths(destination.runs)]))
             self._seq += 1
 
     def post(self, tensors: list[torch.Tensor]) -> list:
@@ -112,7 +114,7 @@ class _PrefillPairing:
     def close(self) -> None:
         with self._lock, contextlib.suppress(Exception):
             if self.error is None:
-                self._store.set(f"open/{self._seq}", msgpack.packb([CLOSED, -1, 0.0, 0]))
+                self._store.set(f"open/{self._seq}", msgpack.packb(CLOSED_ANNOUNCEMENT))
         self.fail("closed")
 
 
@@ -156,8 +158,7 @@ class TorchDistKVWriter:
                 k, v = k.contiguous(), v.contiguous()
                 runs = self.destination.runs
                 tensors = [channel.ints([LAYER, self.destination.transfer_id, layer,
-                                         k.shape[0], len(runs)]),
-                           channel.ints(run_lengths(runs))]
+                                         k.shape[0], len(runs)])]
                 for _, token, n in runs:
                     tensors += [k[token:token + n], v[token:token + n]]
                 works = self._post(tensors)

@@ -21,6 +21,7 @@ GLOO, NCCL = "gloo", "nccl"
 NUM_PAIRINGS = "num_pairings"  # store counter: pairing numbers handed out so far
 HELLO = 0x4B56  # first message of every pairing
 LAYER, ABORT, CLOSED = 1, 2, 3  # header kinds; CLOSED only in the store
+CLOSED_ANNOUNCEMENT = [CLOSED, -1, 0.0, 0, []]  # [kind, transfer_id, expires_at, layers, runs]
 HEADER_LEN = 5  # [kind, transfer_id, layer, num_tokens, num_runs]
 LISTEN_INTERVAL_S = 0.02
 IDLE_WAIT_S = 3600.0  # store waits end early: an announcement or a close sets the key
@@ -71,11 +72,13 @@ class Channel:
             if self.backend == GLOO:
                 work.wait(td(deadline - time.monotonic()))
                 continue
-            while not work.is_completed():  # NCCL: a CPU-side deadline, then abort the group
+            pause_s = 1e-5  # NCCL: a CPU-side deadline, then abort the group
+            while not work.is_completed():
                 if time.monotonic() >= deadline:
                     self.group.abort()
                     raise TimeoutError("NCCL operation of a KV pairing passed its deadline")
-                time.sleep(0.0002)
+                time.sleep(pause_s)  # short first: a header is tiny; then spare the CPU
+                pause_s = min(2 * pause_s, 5e-4)
             work.wait()  # raises the work's error, if any
 
     def ints(self, values: list[int]) -> torch.Tensor:

@@ -32,6 +32,7 @@ from disagg.transport.base import (
 from disagg.transport.torch_dist_channel import (
     ABORT,
     CLOSED,
+    CLOSED_ANNOUNCEMENT,
     GLOO,
     HEADER_LEN,
     HELLO,
@@ -66,9 +67,11 @@ class _DecodePairing:
         self.receiver = receiver
         self.pairing_id = pairing_id
         self.seq = 0  # next announcement key; read by ``close`` under the receiver's lock
-        self._active: dict[int, list] = {}  # announced transfer id -> [expires_at, layers left]
+        # announced transfer id -> [expires_at, layers still to come, run lengths]
+        self._active: dict[int, list] = {}
         self._ended: collections.deque[int] = collections.deque(maxlen=256)  # every layer came
         self._scratch: torch.Tensor | None = None
+        self._header: tuple[torch.Tensor, dist.Work] | None = None  # a receive posted ahead
         self.thread = threading.Thread(target=self._run, name=f"kv-recv-{pairing_id}",
                                        daemon=True)
 
@@ -107,8 +110,7 @@ class _DecodePairing:
         while self._store.check([f"open/{self.seq}"]):  # take what is there, never wait
             if not self._announcement(r.timeout_s):
                 return False
-        kind, tid, layer, num_tokens, num_runs = self.channel.recv_ints(HEADER_LEN,
-                                                                        self._deadline())
+        kind, tid, layer, num_tokens, num_runs = self._recv_header()
         if kind == ABORT and tid in self._ended:  # aborted after its last layer (token 0 ended it)
             r._aborted(tid)
             return True
@@ -119,14 +121,16 @@ class _DecodePairing:
             del self._active[tid]
             r._aborted(tid)
             return True
-        sizes = self.channel.recv_ints(num_runs, self._deadline()) if num_runs else []
-        if kind != LAYER or sum(sizes) != num_tokens or min(sizes, default=1) < 1:
-            raise KVTransferError(f"pairing out of step: header {[kind, tid, layer]}, runs "
-                                  f"{sizes} for {num_tokens} tokens")
+        sizes = self._active[tid][2]
+        if kind != LAYER or len(sizes) != num_runs or sum(sizes) != num_tokens:
+            raise KVTransferError(f"pairing out of step: header {[kind, tid, layer]} of "
+                                  f"{num_runs} runs and {num_tokens} tokens; announced {sizes}")
         rows = r._rows(tid, layer, sizes)
         works = []
         for k, v in rows or [self._scratch_rows(n) for n in sizes]:
             works += [self.channel.recv(k), self.channel.recv(v)]
+        if sum(entry[1] for entry in self._active.values()) > 1:
+            self._post_header()  # more layers will come: the next header lands without a wait
         self.channel.wait(works, self._deadline())
         if rows is not None:
             r._arrived(tid, layer)
@@ -147,18 +151,31 @@ class _DecodePairing:
                 return False
             key = f"open/{self.seq}"
         self._store.wait([key], td(timeout_s))
-        kind, tid, expires_at, num_layers = msgpack.unpackb(self._store.get(key))
+        kind, tid, expires_at, num_layers, sizes = msgpack.unpackb(self._store.get(key))
         self._store.delete_key(key)
         self.seq += 1
         if kind == CLOSED or r._stop.is_set():
             return False
-        self._active[tid] = [expires_at, num_layers]
+        if min(sizes, default=1) < 1:
+            raise KVTransferError(f"transfer {tid} announced runs {sizes}")
+        self._active[tid] = [expires_at, num_layers, sizes]
         return True
+
+    def _post_header(self) -> None:
+        t = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.receiver.device)
+        self._header = (t, self.channel.recv(t))
+
+    def _recv_header(self) -> list[int]:
+        if self._header is None:
+            self._post_header()
+        (t, work), self._header = self._header, None
+        self.channel.wait([work], self._deadline())
+        return t.tolist()
 
     def _deadline(self) -> float:
         """Monotonic deadline of the next receive: the last announced expiry + timeout_s."""
         r = self.receiver
-        latest = max(e for e, _ in self._active.values())
+        latest = max(entry[0] for entry in self._active.values())
         return time.monotonic() + max(latest - r._clock(), 0.0) + r.timeout_s
 
     def _scratch_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +367,7 @@ class TorchDistKVReceiver:
         for pairing_id, seq in idle:  # wakes its thread from the store wait
             with contextlib.suppress(Exception):
                 self._pairing_store(pairing_id).set(f"open/{seq}",
-                                                    msgpack.packb([CLOSED, -1, 0.0, 0]))
+                                                    msgpack.packb(CLOSED_ANNOUNCEMENT))
         for thread in threads:
             thread.join(timeout=1.0)
 
