@@ -107,14 +107,11 @@ class _DecodePairing:
         r = self.receiver
         if not self._active:
             return self._announcement(IDLE_WAIT_S)
-        while self._store.check([f"open/{self.seq}"]):  # take what is there, never wait
-            if not self._announcement(r.timeout_s):
-                return False
         kind, tid, layer, num_tokens, num_runs = self._recv_header()
         if kind == ABORT and tid in self._ended:  # aborted after its last layer (token 0 ended it)
             r._aborted(tid)
             return True
-        while tid not in self._active:  # its announcement may still be on its way to the store
+        while tid not in self._active:  # announcements are read when a header names them
             if not self._announcement(r.timeout_s):
                 return False
         if kind == ABORT:
