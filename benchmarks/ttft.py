@@ -93,6 +93,9 @@ def time_transformers(hf, req: EngineRequest, repeats: int) -> tuple[float, floa
 
 
 def _request(n: int, vocab: int, context: int) -> EngineRequest:
+    """``n`` random token ids, at most ``context - 1`` (vLLM's length rule leaves one token to
+    generate: the "128K" point of a 131072-token model is a 131071-token prompt)."""
+    n = min(n, context - 1)
     ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
     return EngineRequest.create(f"ttft-{n}", ids, SamplingParams(temperature=0.0, max_tokens=1),
                                 vocab_size=vocab, context=context)
@@ -155,6 +158,27 @@ def fused_op_timings(config, n: int) -> dict[str, float]:
     return {name: float(do_bench(fn, warmup=5, rep=50)) for name, fn in cases.items()}
 
 
+def startup_checks(engines: dict[str, PrefillEngine], config, context: int) -> dict:
+    """warm_up_prefill of each engine, then the first and second 32K TriangleMix prefills after
+    it (the first must be no slower), then the fused-op timings."""
+    warmup = {mode: warm_up_prefill(e) for mode, e in engines.items()}
+    first_n = min(32768, context - 1)
+    req = _request(first_n, config.vocab_size, context)
+    first_s = [_wall(engines["trianglemix"].prefill, req) for _ in range(2)]
+    print(f"warm-up {[round(w.seconds, 2) for w in warmup.values()]} s; first/second "
+          f"{first_n}-token TriangleMix prefill after it: {first_s[0]:.3f} / {first_s[1]:.3f} s",
+          flush=True)
+    ops = {"context_tokens": first_n, **fused_op_timings(config, first_n)}
+    print(ops, flush=True)
+    return {
+        "warmup_s": {m: round(w.seconds, 2) for m, w in warmup.items()},
+        "warmup_prompt_lengths": {m: list(w.prompt_lengths) for m, w in warmup.items()},
+        "first_after_warmup": {"context_tokens": first_n, "first_s": first_s[0],
+                               "second_s": first_s[1]},
+        "fused_ops_ms": ops,
+    }
+
+
 def model_flops(config, n: int, triangle_layers: int, params) -> float:
     """Matrix-product FLOPs of a prefill of ``n`` tokens (layers + one row of LM head)."""
     h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
@@ -172,6 +196,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-startup", action="store_true",
+                        help="skip warm_up_prefill, the first-vs-second check and the op timings")
     add_provenance_args(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -189,28 +215,15 @@ def main() -> None:
     hf = None if args.no_transformers else build_transformers(model, source)
     weights_gib = torch.cuda.memory_allocated() / 2**30
 
-    warmup = {mode: warm_up_prefill(e) for mode, e in engines.items()}
-    first_n = min(32768, context - 1)
-    req = _request(first_n, config.vocab_size, context)
-    first_s = [_wall(engines["trianglemix"].prefill, req) for _ in range(2)]
-    extra = {
-        "model": source.name, "dtype": "bfloat16", "weights_gib": round(weights_gib, 2),
-        "warmup_s": {m: round(w.seconds, 2) for m, w in warmup.items()},
-        "warmup_prompt_lengths": {m: list(w.prompt_lengths) for m, w in warmup.items()},
-        "first_after_warmup": {"context_tokens": first_n, "first_s": first_s[0],
-                               "second_s": first_s[1]},
-    }
-    extra["fused_ops_ms"] = {"context_tokens": first_n, **fused_op_timings(config, first_n)}
-    print(extra["fused_ops_ms"], flush=True)
-    print(f"warm-up {extra['warmup_s']} s; first/second {first_n}-token TriangleMix prefill "
-          f"after it: {first_s[0]:.3f} / {first_s[1]:.3f} s", flush=True)
+    extra = {"model": source.name, "dtype": "bfloat16", "weights_gib": round(weights_gib, 2)}
+    if not args.no_startup:
+        extra.update(startup_checks(engines, config, context))
+
 
     rows = []
     for n in args.lengths:  # in the order given: the session script runs the targets first
-        if n >= context:
-            print(f"skip {n}: the model's context is {context}")
-            continue
         req = _request(n, config.vocab_size, context)
+        num_prompt = req.num_prompt_tokens
         hf_s, hf_peak = time_transformers(hf, req, args.repeats) if hf else (None, None)
         for mode, engine in engines.items():
             torch.cuda.empty_cache()
@@ -220,9 +233,9 @@ def main() -> None:
             ours_s = statistics.median(_wall(engine.prefill, req) for _ in range(args.repeats))
             peak = torch.cuda.max_memory_allocated() / 2**30
             layers = len(engine.trianglemix.triangle_layers) if engine.trianglemix else 0
-            flops = model_flops(config, n, layers, trianglemix.params)
+            flops = model_flops(config, num_prompt, layers, trianglemix.params)
             rows.append({
-                "context_tokens": n, "mode": mode, "ours_s": ours_s,
+                "context_tokens": n, "prompt_tokens": num_prompt, "mode": mode, "ours_s": ours_s,
                 "attention_s": attention_s, "other_s": ours_s - attention_s,
                 "transformers_s": hf_s, "speedup": hf_s / ours_s if hf_s else None,
                 "peak_gib": peak, "transformers_peak_gib": hf_peak, "tflops": flops / ours_s / 1e12,
