@@ -78,6 +78,8 @@ def prefill_process(conn, args) -> None:
             raw = Channel(args.backend, dist.PrefixStore("raw/", dist.TCPStore(
                 cmd[1], cmd[2], is_master=False, timeout=td(args.timeout_s))), 0, device,
                 args.timeout_s)
+            with raw.on_stream():  # NCCL connects on the first message, both sides at once
+                raw.wait([raw.send(raw.ints([1]))], time.monotonic() + args.timeout_s)
             continue
         n = cmd[2] if cmd[0] == "raw" else cmd[1][4]
         ks, vs = [t[:n] for t in k], [t[:n] for t in v]
@@ -204,6 +206,8 @@ def run(args) -> list[dict]:
                               timeout=td(args.timeout_s))
     conn.send(["raw_store", "127.0.0.1", raw_store.port])
     raw = Channel(args.backend, dist.PrefixStore("raw/", raw_store), 1, device, args.timeout_s)
+    with raw.on_stream():
+        raw.recv_ints(1, time.monotonic() + args.timeout_s)
     setup = "2gpu" if device.type == "cuda" else "cpu"
     rows = []
     try:

@@ -69,12 +69,12 @@ from disagg.transport.torch_dist_receive import TorchDistKVReceiver
 
 __all__ = ["GLOO", "NCCL", "TorchDistKVReceiver", "TorchDistKVSender", "TorchDistKVWriter"]
 
+
 class _PrefillPairing:
     """Prefill's side of one pairing: the communicator and the order of what is posted."""
 
     def __init__(self, endpoint: str, backend: str, device: torch.device, timeout_s: float):
         self.endpoint = endpoint
-        self._timeout_s = timeout_s
         self._lock = threading.Lock()  # one layer's messages are posted back to back
         self._seq = 0
         self.error: str | None = None

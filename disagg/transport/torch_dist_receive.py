@@ -115,7 +115,7 @@ class _DecodePairing:
             if not self._announcement(r.timeout_s):
                 return False
         if kind == ABORT:
-            del self._active[tid]
+            self._end(tid)
             r._aborted(tid)
             return True
         sizes = self._active[tid][2]
@@ -123,22 +123,23 @@ class _DecodePairing:
             raise KVTransferError(f"pairing out of step: header {[kind, tid, layer]} of "
                                   f"{num_runs} runs and {num_tokens} tokens; announced {sizes}")
         rows = r._rows(tid, layer, sizes)
-        works = []
-        for k, v in rows or [self._scratch_rows(n) for n in sizes]:
-            works += [self.channel.recv(k), self.channel.recv(v)]
+        targets = rows or self._scratch_rows(sizes)  # referenced until the receives are done
+        works = [self.channel.recv(t) for pair in targets for t in pair]
         if sum(entry[1] for entry in self._active.values()) > 1:
             self._post_header()  # more layers will come: the next header lands without a wait
         self.channel.wait(works, self._deadline())
         if rows is not None:
             r._arrived(tid, layer)
-        entry = self._active[tid]
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del self._active[tid]
+        self._active[tid][1] -= 1
+        if self._active[tid][1] <= 0:
+            self._end(tid)
             self._ended.append(tid)
-        if not self._active:
-            self._scratch = None
         return True
+
+    def _end(self, tid: int) -> None:
+        del self._active[tid]
+        if not self._active:
+            self._scratch = None  # a released transfer's rows went here; idle pairings hold none
 
     def _announcement(self, timeout_s: float) -> bool:
         """Wait for the next ``open/<seq>`` key and take it; False on a close (either side)."""
@@ -175,12 +176,13 @@ class _DecodePairing:
         latest = max(entry[0] for entry in self._active.values())
         return time.monotonic() + max(latest - r._clock(), 0.0) + r.timeout_s
 
-    def _scratch_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        layout = self.receiver.layout
+    def _scratch_rows(self, sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Where a layer nobody owns is received and dropped: one buffer of the largest run."""
+        layout, n = self.receiver.layout, max(sizes, default=0)
         if self._scratch is None or self._scratch.shape[1] < n:
             self._scratch = torch.empty((2, n, *layout.row_shape), dtype=layout.dtype,
                                         device=self.receiver.device)
-        return self._scratch[0, :n], self._scratch[1, :n]
+        return [(self._scratch[0, :m], self._scratch[1, :m]) for m in sizes]
 
 
 class TorchDistKVReceiver:
