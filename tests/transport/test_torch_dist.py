@@ -142,6 +142,28 @@ def test_killed_sender_fails_its_transfer_and_spares_other_pairings(decode, pref
     assert receiver.num_pairings_formed == 2
 
 
+def test_hung_sender_breaks_the_pairing_by_its_deadline_and_the_next_open_pairs_anew(prefill):
+    cache = poisoned_cache()
+    receiver = TorchDistKVReceiver("gloo", host="127.0.0.1", timeout_s=1.0)
+    receiver.attach(cache)
+    try:
+        roundtrip(receiver, cache, prefill, "warm", table((0, 1)), 3, seed=1)
+        stuck = offer(receiver, cache, "stuck", table((2, 1)), 4, ttl_s=0.5)
+        prefill.send("send", stuck.to_list(), 2, NUM_LAYERS, 1)
+        assert prefill.reply() == ["paused"]  # the sender stalls with layers outstanding
+        assert finished(receiver, "stuck").status is TransferStatus.EXPIRED
+        deadline = time.monotonic() + LIVENESS_S  # decode gives up at expiry + timeout_s
+        while receiver.num_pairings:
+            assert time.monotonic() < deadline, "decode still waits for the stalled sender"
+            time.sleep(0.01)
+        prefill.send("go")
+        assert prefill.reply()[:2] == ["error", "KVTransferAborted"]
+        roundtrip(receiver, cache, prefill, "next", table((4, 2)), 7, seed=2)
+        assert receiver.num_pairings_formed == 2
+    finally:
+        receiver.close()
+
+
 def test_close_ends_idle_pairings(prefill):
     cache = poisoned_cache()
     receiver = TorchDistKVReceiver("gloo", host="127.0.0.1", timeout_s=TIMEOUT_S)
