@@ -71,6 +71,18 @@ def test_kv_arrives_bit_exact_in_non_contiguous_runs_over_one_pairing(decode, pr
         assert unwritten(cache, range(slot, slot + 1))
 
 
+def test_two_writers_interleaved_on_one_pairing(decode, prefill):
+    receiver, cache = decode
+    blocks = [table((0, 2)), table((5, 1), (3, 1))]
+    dests = [offer(receiver, cache, rid, b, 7) for rid, b in zip("pq", blocks)]
+    prefill.send("interleave", [d.to_list() for d in dests], [11, 12], NUM_LAYERS, None)
+    reply = prefill.reply()
+    for dest, b, seed in zip(dests, blocks, [11, 12]):
+        complete(receiver, dest, reply)
+        assert finished(receiver, dest.request_id).status is TransferStatus.DONE
+        peer.assert_kv(cache, b, 7, seed, peer.Rows())
+
+
 def test_release_mid_transfer_keeps_the_pairing_in_step(decode, prefill):
     receiver, cache = decode
     doomed = offer(receiver, cache, "a", table((2, 3)), 10)  # slots 8..17

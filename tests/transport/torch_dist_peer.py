@@ -9,6 +9,8 @@ Commands and replies:
   or ``["error", exception type name, message]``.
 - ``["abort", destination_list, seed, num_layers, after]``: write ``after`` layers, then abort;
   reply ``["aborted"]``.
+- ``["interleave", [destination_list, ...], [seed, ...], num_layers, None]``: one writer per
+  destination, open together, layers written in turn; reply ``["done", ...]`` of the last.
 - ``["stop"]``: close the sender and exit.
 
 On a GPU, each layer is made on the device and, once handed over, its memory goes back to the
@@ -74,6 +76,16 @@ def _write(sender, conn, rows: Rows, destination, seed, num_layers, pause_at, st
     return writer
 
 
+def _interleave(sender, rows: Rows, dest_lists, seeds, num_layers: int) -> list:
+    dests = [KVDestination.from_list(d) for d in dest_lists]
+    writers = [sender.open(d, num_layers=num_layers) for d in dests]
+    for layer in range(num_layers):
+        for d, w, seed in zip(dests, writers, seeds):
+            w.write_layer(layer, *layer_kv(seed, layer, d.num_prompt_tokens, rows))
+    completions = [w.finish(header(d)) for d, w in zip(dests, writers)]
+    return ["done", completions[-1].num_bytes, num_layers, sender.num_pairings_formed]
+
+
 def serve(conn, backend: str, timeout_s: float, rows: Rows = Rows()) -> None:
     if rows.device != "cpu":
         torch.cuda.set_device(rows.device)
@@ -84,8 +96,11 @@ def serve(conn, backend: str, timeout_s: float, rows: Rows = Rows()) -> None:
             sender.close()
             return
         op, dest_list, seed, num_layers, at = cmd
-        destination = KVDestination.from_list(dest_list)
         try:
+            if op == "interleave":
+                conn.send(_interleave(sender, rows, dest_list, seed, num_layers))
+                continue
+            destination = KVDestination.from_list(dest_list)
             if op == "abort":
                 _write(sender, conn, rows, destination, seed, num_layers, None, at).abort()
                 conn.send(["aborted"])
