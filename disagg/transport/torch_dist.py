@@ -24,10 +24,13 @@ Life of one hand-off here:
    ``abort`` (also taken when a layer would start after the destination's expiry) sends an
    ABORT header so decode stops expecting the remaining layers.
 6. ``poll`` (never blocking) is DONE once every layer is in the rows and ``complete`` was
-   called before the expiry; FAILED when the pairing broke: a dead peer (gloo sees the closed
-   connection), or a receive past ``max(expiry of the announced transfers) + timeout_s`` --
-   every transfer of that pairing fails and the pairing is dropped on both sides, so the next
-   ``open`` forms a new one.
+   called before the expiry; EXPIRED past it; ABORTED on prefill's abort; FAILED when the
+   pairing broke: a dead peer (gloo sees the closed connection), or a receive past
+   ``max(expiry of the announced transfers) + timeout_s`` (a stalled peer; NCCL's only sign of
+   a dead one) -- every transfer of that pairing fails and the pairing is dropped on both
+   sides (decode marks it ``closed`` in the store), so the next ``open`` forms a new one.
+   Not noticed: a sender that dies while its pairing is idle -- that thread and group stay,
+   asleep in the store, until the receiver closes.
 
 Not Ray Direct Transport: its NCCL path refuses async actors, which Serve replicas are, and it
 needs cupy; Ray here only carries the endpoint.
@@ -139,6 +142,10 @@ class TorchDistKVWriter:
         pairing.announce(destination, num_layers)
 
     def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Post ``layer``'s header and its K/V runs. The sends hold ``k``/``v`` (a contiguous
+        copy when they are views that are not) until done: on GPU the caller may free them at
+        once (they are recorded on the pairing's stream); on CPU it must not write into them
+        afterwards (a prefill computes fresh K/V per layer)."""
         with self._lock:
             if self._aborted:
                 raise KVTransferAborted(f"request {self.destination.request_id!r} was aborted")
@@ -149,6 +156,9 @@ class TorchDistKVWriter:
             if k.shape[0] != self.destination.num_prompt_tokens or v.shape != k.shape:
                 raise ValueError(f"layer of {tuple(k.shape)} rows for a destination of "
                                  f"{self.destination.num_prompt_tokens}")
+            if not 0 <= layer < self._num_layers or layer in self._written:
+                raise ValueError(f"layer {layer} of {self._num_layers} written twice or out of "
+                                 "range")  # decode counts the layers each transfer announced
             channel = self._pairing.channel
             if k.is_cuda:
                 channel.stream.wait_stream(torch.cuda.current_stream(k.device))
