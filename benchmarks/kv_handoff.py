@@ -69,7 +69,7 @@ def engine_alone(config: AppConfig, lengths: list[int], repeats: int) -> dict[in
         gc.collect()
         torch.cuda.empty_cache()
     del prefill
-    bench = EngineBench(model, [(1, n) for n in lengths], steps=20)
+    bench = EngineBench(model, [(1, n) for n in lengths], steps=25)  # steps + warm-up
     for n in lengths:
         out[n]["engine_decode_step_ms"] = bench.run(1, n, steps=20, warmup=5)["itl_ms"]
     del bench, model
@@ -79,11 +79,14 @@ def engine_alone(config: AppConfig, lengths: list[int], repeats: int) -> dict[in
 
 
 def one_request(client: httpx.Client, url: str, model: str, ids: list[int]) -> dict:
-    body = {"model": model, "prompt": ids, "max_tokens": 3, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    # The body is encoded before the clock starts, as a load generator sends prepared bytes.
+    body = json.dumps({"model": model, "prompt": ids, "max_tokens": 3, "temperature": 0,
+                       "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     times, usage = [], None
     t0 = time.perf_counter()
-    with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+    with client.stream("POST", f"{url}/v1/completions", content=body, timeout=600,
+                       headers={"content-type": "application/json"}) as r:
         r.raise_for_status()
         assert r.headers["x-disagg-path"] == "disaggregated"
         for line in r.iter_lines():

@@ -36,7 +36,7 @@ def build_receivers(config: AppConfig, device: torch.device) -> tuple[KVReceiver
         else:
             from disagg.transport.torch_dist import TorchDistKVReceiver
 
-            receivers.append(TorchDistKVReceiver(name, device=device))
+            receivers.append(TorchDistKVReceiver(name, device=device, node=node_id()))
     return tuple(receivers)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from disagg.errors import ContextLengthError, InvalidRequestError
 from disagg.sampling import RequestSeed, SamplingParams
@@ -12,11 +15,10 @@ from disagg.sampling import RequestSeed, SamplingParams
 def validate_prompt(prompt_ids: Sequence[int], *, vocab_size: int) -> None:
     if len(prompt_ids) == 0:
         raise InvalidRequestError("the prompt is empty", param="prompt")
-    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if bad:
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:  # one C pass each, then find it
+        bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
         raise InvalidRequestError(
-            f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt"
-        )
+            f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
 
 
 def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, *, context: int) -> int:
@@ -44,23 +46,35 @@ class EngineRequest:
     """A validated request as the engines see it: ids, resolved limits, resolved seed.
 
     Built once at the edge (CLI, ingress) with ``EngineRequest.create``; the prefill and decode
-    sides receive the same object, so both sample with the same seed and limits.
+    sides receive the same object, so both sample with the same seed and limits. The prompt is
+    held as an int64 ``array`` (read-only by contract): a long prompt crosses two process
+    boundaries (ingress -> decode -> prefill), and as one buffer it pickles in microseconds,
+    where a tuple of 131K Python ints takes ~6 ms to pickle and ~8 ms to rebuild, each hop.
     """
 
     request_id: str
-    prompt_token_ids: tuple[int, ...]
+    prompt_token_ids: Sequence[int]
     params: SamplingParams
     max_tokens: int  # resolved by the length rule
     seed: int  # resolved: the user's or one drawn at creation
 
+    def __post_init__(self):
+        ids = self.prompt_token_ids
+        if not (isinstance(ids, array) and ids.typecode == "q"):
+            object.__setattr__(self, "prompt_token_ids", array("q", ids))
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def prompt_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The prompt ids as a long tensor ``[N]`` (one buffer copy, not per element)."""
+        return torch.frombuffer(bytearray(self.prompt_token_ids), dtype=torch.int64).to(device)
 
     @classmethod
     def create(cls, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                *, vocab_size: int, context: int) -> EngineRequest:
         validate_prompt(prompt_token_ids, vocab_size=vocab_size)
         max_tokens = resolve_max_tokens(len(prompt_token_ids), params.max_tokens, context=context)
-        return cls(request_id, tuple(prompt_token_ids), params, max_tokens,
+        return cls(request_id, prompt_token_ids, params, max_tokens,
                    RequestSeed.of(params).value)

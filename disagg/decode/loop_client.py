@@ -26,16 +26,19 @@ class DecodeLoopClient:
         """Add ``request`` as remote and wait until its blocks are reserved; its offers."""
         rid = request.request_id
         stream = self._streams[rid] = self.loop.open_stream(rid)
-        await self.loop.call(lambda engine: engine.add_remote_request(request))
+        def add(engine):
+            engine.add_remote_request(request)
+            return engine.destinations(rid)  # reserved at once when the pool has room
+
+        offers = await self.loop.call(add)
         wait, longest = _RESERVE_POLL_S
-        while True:
-            offers = await self.loop.call(lambda engine: engine.destinations(rid))
-            if offers:
-                return offers
+        while not offers:
             if not stream.empty():  # it ended while queued (its deadline passed)
                 _raise_if_error(stream.get_nowait())
             await asyncio.sleep(wait)
             wait = min(2 * wait, longest)
+            offers = await self.loop.call(lambda engine: engine.destinations(rid))
+        return offers
 
     async def kv_complete(self, request_id: str, first_token: SampledToken,
                           completion: KVCompletion) -> None:

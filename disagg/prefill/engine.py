@@ -97,7 +97,7 @@ class PrefillEngine:
         n = request.num_prompt_tokens
         kv = PackedKV.empty(self.layout, n, self.device) if sink is None else None
         metadata = PrefillAttention(sink or kv, n, self.model.scale, self.trianglemix, cancelled)
-        tokens = torch.tensor(request.prompt_token_ids, dtype=torch.long, device=self.device)
+        tokens = request.prompt_tensor(self.device)
         hidden = self.model(tokens, torch.arange(n, device=self.device), metadata)
         logits = self.model.compute_logits(hidden[-1:])[0]
         first = sample(logits, request.params, request.seed, step=0)  # syncs the compute stream

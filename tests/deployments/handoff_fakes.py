@@ -1,15 +1,20 @@
-"""Test fakes for the hand-off tests: the real PrefillServer with its KV writes slowed down.
+"""Test fakes for the hand-off tests, built on the production deployment classes.
 
-``SlowPrefillServer`` is the production deployment class with every sender wrapped so that
-each layer's write and the final confirmation take a configurable time (a long prompt over a
-slow link, on a 2-core machine). Everything else -- the engine, the writers, the Serve calls --
-is the real thing.
+- ``SlowPrefillServer``: the real PrefillServer with every sender wrapped so that each layer's
+  write and the final confirmation take a configurable time (a long prompt over a slow link,
+  on a 2-core machine). The engine, the writers and the Serve calls are the real thing.
+- ``KVDigestDecodeServer``: the real DecodeServer, recording a digest of each disaggregated
+  request's prompt KV as it sits in its pool once decoding has started.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 
+import torch
+
+from deployments.decode_server import DecodeServer
 from deployments.prefill_server import PrefillServer
 
 
@@ -65,3 +70,29 @@ class SlowPrefillServer(PrefillServer.func_or_class):
         super().__init__(config)
         self.engine.senders = {name: SlowSender(s, layer_delay_s, finish_delay_s)
                                for name, s in self.engine.senders.items()}
+
+
+def kv_digest(packed) -> str:
+    h = hashlib.sha256()
+    for t in (*packed.k, *packed.v):
+        h.update(t.contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class KVDigestDecodeServer(DecodeServer.func_or_class):
+    async def __init__(self, config, prefill):
+        await super().__init__(config, prefill)
+        self.last_digest = None
+
+    async def _run_disaggregated(self, request):
+        rid, n = request.request_id, request.num_prompt_tokens
+        count = 0
+        async for item in super()._run_disaggregated(request):
+            count += 1
+            if count == 2:  # token 1: the KV is in place and the request still holds it
+                self.last_digest = await self._loop.call(
+                    lambda e: kv_digest(e.cache.read_packed(e.block_table(rid), n)))
+            yield item
+
+    async def digest(self) -> str | None:
+        return self.last_digest

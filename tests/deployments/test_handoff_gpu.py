@@ -51,7 +51,7 @@ def config_for(backend: str):
 
 
 def served_digest(url: str, backend: str) -> tuple[str, dict, list]:
-    import handoff_gpu_fakes
+    import handoff_fakes
     import ray.cloudpickle
     from ray import serve
 
@@ -59,10 +59,10 @@ def served_digest(url: str, backend: str) -> tuple[str, dict, list]:
     from deployments.ingress import OpenAIIngress
     from deployments.prefill_server import PrefillServer
 
-    ray.cloudpickle.register_pickle_by_value(handoff_gpu_fakes)
+    ray.cloudpickle.register_pickle_by_value(handoff_fakes)
     config = config_for(backend)
     prefill = PrefillServer.options(**_options(config.prefill, config)).bind(config)
-    decode = serve.deployment(handoff_gpu_fakes.KVDigestDecodeServer).options(
+    decode = serve.deployment(handoff_fakes.KVDigestDecodeServer).options(
         name="DecodeServer", **_options(config.decode, config)).bind(config, prefill)
     ingress = OpenAIIngress.options(**_options(config.ingress, config)).bind(config, decode)
     serve.run(ingress, name=backend, route_prefix="/")
@@ -78,7 +78,7 @@ def served_digest(url: str, backend: str) -> tuple[str, dict, list]:
 
 
 def local_digest() -> str:
-    from handoff_gpu_fakes import kv_digest
+    from handoff_fakes import kv_digest
 
     from deployments.runtime import resolve_source, trianglemix_config
     from disagg.models.loader import load_model
