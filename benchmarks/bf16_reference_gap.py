@@ -54,21 +54,19 @@ def theirs(hf, ids):
     return hf(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float().cpu()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="llama-3.1-8b")
-    parser.add_argument("--tokens", type=int, default=2000)
-    add_provenance_args(parser)
-    args = parser.parse_args()
-    source = ModelSource(name=f"random:{args.model}", random_config=args.model)
+def measure(model_name: str, num_tokens: int) -> list[dict]:
+    """One row per mode (dense, trianglemix): relative RMS of our bf16 logits and per-layer K/V
+    against our fp32 run, and (dense row) transformers' bf16 against its fp32 run and our fp32
+    logits against transformers' fp32 ones. Same weights and prompt (seed 0) everywhere."""
+    source = ModelSource(name=f"random:{model_name}", random_config=model_name)
     model = load_model(source, device="cuda", dtype=torch.bfloat16)
     hf = build_transformers(model, source)
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, vocab, (num_tokens,), generator=torch.Generator().manual_seed(0))
     request = EngineRequest.create("gap", prompt.tolist(), SamplingParams(temperature=0.0),
                                    vocab_size=vocab, context=model.config.max_context_tokens)
     ids = prompt[None].cuda()
-    modes = {"dense": None, "trianglemix": published_trianglemix(args.model)}
+    modes = {"dense": None, "trianglemix": published_trianglemix(model_name)}
     bf16 = {m: ours(model, source.name, tm, request) for m, tm in modes.items()}
     hf_bf16 = theirs(hf, ids)
     hf.float()  # its own copy: build_transformers shared tensors that .float() replaces
@@ -80,7 +78,7 @@ def main() -> None:
         (lb, kvb), (lf, kvf) = bf16[mode], fp32[mode]
         k_err = [rel_rms(kvb.k[i], kvf.k[i]) for i in range(model.config.num_layers)]
         v_err = [rel_rms(kvb.v[i], kvf.v[i]) for i in range(model.config.num_layers)]
-        rows.append({"mode": mode, "tokens": args.tokens, "ours_logits_rel_rms": rel_rms(lb, lf),
+        rows.append({"mode": mode, "tokens": num_tokens, "ours_logits_rel_rms": rel_rms(lb, lf),
                      "ours_kv_rel_rms_max": max(k_err + v_err),
                      "ours_kv_first_layer_over_1e-2": next(
                          (i for i, (a, b) in enumerate(zip(k_err, v_err)) if max(a, b) > 1e-2),
@@ -90,8 +88,18 @@ def main() -> None:
                      "ours_fp32_vs_transformers_fp32": rel_rms(lf, hf_fp32) if mode == "dense"
                      else None,
                      "k_rel_rms_per_layer": k_err, "v_rel_rms_per_layer": v_err})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--tokens", type=int, default=2000)
+    add_provenance_args(parser)
+    args = parser.parse_args()
+    rows = measure(args.model, args.tokens)
     write_results("bf16_reference_gap", rows, commit=args.commit, dirty=args.dirty, out=args.out,
-                  extra={"model": source.name})
+                  extra={"model": f"random:{args.model}"})
     print_table(rows, ["mode", "tokens", "ours_logits_rel_rms", "ours_kv_rel_rms_max",
                        "ours_kv_first_layer_over_1e-2", "transformers_logits_rel_rms",
                        "ours_fp32_vs_transformers_fp32"])
