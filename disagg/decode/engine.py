@@ -129,4 +129,4 @@ class DecodeEngine:
         """Compile the decode kernels and capture the CUDA graphs of every decode batch size
         (nothing to do on CPU). Call once, before the engine takes requests: the first
         request then pays no compilation."""
-        self.runner.capture_graphs()
+        self.runner.warm_up()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from disagg.attention.paged import PagedAttention, SequenceSlice
+from disagg.attention.paged import PagedAttention, PrefillSegment, SequenceSlice
 from disagg.decode.cuda_graphs import DecodeGraphs, DecodeInputs, graph_batch_sizes
 from disagg.decode.sampler import RowRequest, Sampler
 from disagg.decode.scheduler import ScheduledSequence, SchedulerOutput
@@ -42,11 +42,35 @@ class ModelRunner:
             inputs = DecodeInputs(cache, max_num_seqs)
             self.graphs = DecodeGraphs(model, inputs, graph_batch_sizes(max_num_seqs))
 
-    def capture_graphs(self) -> None:
-        """Compile the decode kernels and capture the CUDA graphs of every decode batch size
-        (the engine's warm-up; without it pure-decode steps run the same forward eagerly)."""
-        if self.graphs is not None:
-            self.graphs.capture()
+    def warm_up(self) -> None:
+        """Compile every kernel a step runs and capture the CUDA graphs of every decode batch
+        size (CUDA; nothing to do on CPU). Without it pure-decode steps run the same forward
+        eagerly and the first step of each shape pays the compilation."""
+        if self.graphs is None:
+            return
+        # Mixed batches run eagerly: both specializations of the store kernel's token count
+        # (multiple of 16 or not), decode rows and a fresh prompt segment.
+        for num_tokens in (15, 16):
+            self.dry_forward(1, num_tokens)
+        self.graphs.capture()
+
+    @torch.inference_mode()
+    def dry_forward(self, num_decode: int, num_prompt_tokens: int) -> torch.Tensor:
+        """A mixed forward that stores and reads no KV (every slot -1, every decode row of
+        length 0): ``num_decode`` decode rows then one fresh prompt. Returns its last row's
+        logits ``[1, V]``."""
+        device, total = self.device, num_decode + num_prompt_tokens
+        metadata = PagedAttention(
+            self.cache, self.model.scale,
+            torch.full((total,), -1, dtype=torch.long, device=device), num_decode,
+            torch.zeros(num_decode, 1, dtype=torch.int32, device=device),
+            torch.zeros(num_decode, dtype=torch.int32, device=device),
+            (PrefillSegment(num_decode, num_prompt_tokens, 0, None),))
+        positions = torch.cat([torch.zeros(num_decode, dtype=torch.long, device=device),
+                               torch.arange(num_prompt_tokens, device=device)])
+        hidden = self.model(torch.zeros(total, dtype=torch.long, device=device), positions,
+                            metadata)
+        return self.model.compute_logits(hidden[-1:])
 
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> dict[str, SampledToken]:

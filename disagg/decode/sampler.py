@@ -95,7 +95,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
         if num_logprobs:
             top = logprobs.topk(num_logprobs, dim=-1)
             columns += [top.indices.double(), top.values.double()]
-    return torch.cat(columns, dim=1)
+    return torch.cat(columns, dim=1) if len(columns) > 1 else columns[0]
 
 
 @dataclass(frozen=True)
@@ -125,19 +125,20 @@ class Sampler:
         n = len(rows)
         if n > self.max_rows:
             raise ValueError(f"{n} rows to sample, the sampler holds {self.max_rows}")
-        f, i = self._host_f.numpy(), self._host_i.numpy()
-        f[0, :n] = [r.params.temperature for r in rows]
-        f[1, :n] = [r.params.top_p for r in rows]
-        i[0, :n] = [r.params.top_k for r in rows]
-        i[1, :n] = [_signed64(r.seed) for r in rows]
-        i[2, :n] = [r.step for r in rows]
-        self._dev_f.copy_(self._host_f, non_blocking=True)  # whole buffers: contiguous, pinned
-        self._dev_i.copy_(self._host_i, non_blocking=True)
+        any_random = any(r.params.temperature > 0 for r in rows)
+        if any_random:  # greedy rows read no parameter: a greedy batch copies none
+            f, i = self._host_f.numpy(), self._host_i.numpy()
+            f[0, :n] = [r.params.temperature for r in rows]
+            f[1, :n] = [r.params.top_p for r in rows]
+            i[0, :n] = [r.params.top_k for r in rows]
+            i[1, :n] = [_signed64(r.seed) for r in rows]
+            i[2, :n] = [r.step for r in rows]
+            self._dev_f.copy_(self._host_f, non_blocking=True)  # whole buffers: contiguous
+            self._dev_i.copy_(self._host_i, non_blocking=True)
         asked = [r.params.logprobs for r in rows if r.params.logprobs is not None]
         packed = sample_rows(
             logits[:n], self._dev_f[0, :n], self._dev_f[1, :n], self._dev_i[0, :n],
-            self._dev_i[1, :n], self._dev_i[2, :n],
-            any_random=any(r.params.temperature > 0 for r in rows),
+            self._dev_i[1, :n], self._dev_i[2, :n], any_random=any_random,
             num_logprobs=max(asked) if asked else None).cpu().numpy()
         return [_token(packed[b], r.params.logprobs) for b, r in enumerate(rows)]
 

@@ -1,4 +1,5 @@
-"""The persistent decode buffers: staged rows, padding and the buffered forward (CPU)."""
+"""The persistent decode buffers (staged rows, padding, the buffered forward) and the
+warm-up's dry forward, on CPU."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from disagg.attention.paged import PagedAttention, SequenceSlice
 from disagg.decode.cuda_graphs import DecodeGraphs, DecodeInputs, graph_batch_sizes
+from disagg.decode.runner import ModelRunner
 from disagg.decode.scheduler import ScheduledSequence
 from disagg.kv.block_pool import BlockPool
 from disagg.kv.layout import KVLayout
@@ -54,3 +56,15 @@ def test_buffered_forward_equals_eager_build_and_padding_stores_nothing():
     # The padded row stored nothing: both forwards changed exactly the same rows.
     for k, k_ref in zip(stored, cache.k):
         assert torch.equal(k != 0, k_ref != 0) and torch.allclose(k, k_ref, atol=1e-6)
+
+
+def test_dry_forward_touches_no_kv():
+    model = load_model(ModelSource(name="tiny-llama", random_config="tiny-llama", seed=0))
+    cache = PagedKVCache(KVLayout.of_model(model), 8, 4)
+    for t in (*cache.k, *cache.v):
+        t.normal_()
+    before = [t.clone() for t in (*cache.k, *cache.v)]
+    runner = ModelRunner(model, cache, max_num_seqs=4)
+    logits = runner.dry_forward(2, 15)
+    assert logits.shape == (1, model.config.vocab_size) and logits.isfinite().all()
+    assert all(torch.equal(a, b) for a, b in zip(before, (*cache.k, *cache.v)))
