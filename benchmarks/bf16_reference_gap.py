@@ -28,7 +28,9 @@ def rel_rms(a, b) -> float:
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
 
 
-class _LogitsCapture:
+class LogitsCapture:
+    """The model as an engine sees it, keeping the logits the engine computes."""
+
     def __init__(self, model):
         self.model, self.logits = model, None
 
@@ -43,8 +45,9 @@ class _LogitsCapture:
         return getattr(self.model, name)
 
 
-def ours(model, name, trianglemix, request):
-    capture = _LogitsCapture(model)
+def prefill_logits_and_kv(model, name: str, trianglemix, request: EngineRequest):
+    """Our engine's prefill of ``request``: (last-position logits fp32 on the CPU, its KV)."""
+    capture = LogitsCapture(model)
     result = PrefillEngine(capture, model_name=name, trianglemix=trianglemix).prefill(request)
     return capture.logits[-1].float().cpu(), result.kv
 
@@ -67,11 +70,11 @@ def measure(model_name: str, num_tokens: int) -> list[dict]:
                                    vocab_size=vocab, context=model.config.max_context_tokens)
     ids = prompt[None].cuda()
     modes = {"dense": None, "trianglemix": published_trianglemix(model_name)}
-    bf16 = {m: ours(model, source.name, tm, request) for m, tm in modes.items()}
+    bf16 = {m: prefill_logits_and_kv(model, source.name, tm, request) for m, tm in modes.items()}
     hf_bf16 = theirs(hf, ids)
     hf.float()  # its own copy: build_transformers shared tensors that .float() replaces
     model.float()
-    fp32 = {m: ours(model, source.name, tm, request) for m, tm in modes.items()}
+    fp32 = {m: prefill_logits_and_kv(model, source.name, tm, request) for m, tm in modes.items()}
     hf_fp32 = theirs(hf, ids)
     rows = []
     for mode in modes:

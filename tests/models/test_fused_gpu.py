@@ -69,31 +69,13 @@ def test_silu_mul_bf16(shape):
     assert rel_rms(fused.silu_mul(g, u, out=g), ref) < KERNEL_REL_RMS
 
 
-class _LogitsCapture:
-    """The model as the engine sees it, keeping the logits the engine computes."""
-
-    def __init__(self, model):
-        self.model, self.logits = model, None
-
-    def __call__(self, *args):
-        return self.model(*args)
-
-    def compute_logits(self, hidden):
-        self.logits = self.model.compute_logits(hidden)
-        return self.logits
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 def _prefill(model, name, trianglemix, prompt):
-    capture = _LogitsCapture(model)
-    engine = PrefillEngine(capture, model_name=name, trianglemix=trianglemix)
+    from benchmarks.bf16_reference_gap import prefill_logits_and_kv
+
     request = EngineRequest.create("r", prompt, SamplingParams(temperature=0.0, max_tokens=1),
                                    vocab_size=model.config.vocab_size,
                                    context=model.config.max_context_tokens)
-    result = engine.prefill(request)
-    return capture.logits[-1].float().cpu(), result.kv
+    return prefill_logits_and_kv(model, name, trianglemix, request)
 
 
 @pytest.mark.parametrize("name, trianglemix, n, reference_device", [
