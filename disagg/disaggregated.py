@@ -89,8 +89,8 @@ class HandoffTiming:
 
     queue_s: float = 0.0  # reserving blocks + waiting for the prefill worker
     prefill_s: float = 0.0  # prefill forward until token 0
-    transfer_s: float | None = None  # token 0 at decode -> KV complete and accepted there
-    first_decode_s: float | None = None  # KV accepted -> token 1
+    transfer_s: float | None = None  # token 0 at decode -> KV usable in decode's pool
+    first_decode_s: float | None = None  # KV usable -> token 1
     backend: str | None = None
     kv_bytes: int = 0
     kv_recomputed: bool = False  # preempted after arrival: decode recomputed the KV densely
@@ -158,7 +158,10 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
         timing.transfer_s = t_kv - t_token0
         async for out in decode.outputs(rid):
             if timing.first_decode_s is None and out.token is not None:
-                timing.first_decode_s = time.perf_counter() - t_kv
+                # Decode-side copies (the object store's) end inside the step that ran it.
+                receive_s = out.kv_receive_s or 0.0
+                timing.transfer_s += receive_s
+                timing.first_decode_s = time.perf_counter() - t_kv - receive_s
             timing.kv_recomputed |= out.kv_recomputed
             yield out
             if out.finished:

@@ -76,8 +76,10 @@ def test_disaggregated_greedy_equals_colocated_and_transformers(smollm2):
     assert ours[:checked] == out.sequences[0, len(ids):].tolist()[:checked]
     assert ours == colocated
     assert_nothing_held(pd)
-    assert pd.last_timing.backend == "inprocess"
-    assert pd.last_timing.kv_bytes == len(ids) * pd.decode.layout.bytes_per_token
+    timing = pd.last_timing
+    assert timing.backend == "inprocess"
+    assert timing.kv_bytes == len(ids) * pd.decode.layout.bytes_per_token
+    assert timing.transfer_s > 0 and timing.first_decode_s > 0 and timing.prefill_s > 0
 
 
 def test_trianglemix_disaggregated_equals_colocated_with_trianglemix(smollm2):

@@ -95,6 +95,7 @@ class KVArrivalTracker:
 
     def complete(self, req: DecodeRequest, completion: KVCompletion) -> None:
         req.kv_completed = True  # the writer has stopped: its rows need no fence
+        req.kv_completed_at = self._clock()
         self.receivers.complete(completion)
 
     def fence_for(self, req: DecodeRequest, grace_s: float) -> None:
@@ -125,6 +126,7 @@ class KVArrivalTracker:
                     continue
                 if result.status is TransferStatus.DONE:
                     req.num_computed_tokens = req.num_prompt_tokens
+                    req.kv_receive_s = self._clock() - req.kv_completed_at  # copies included
                     error = None
                 else:
                     error = KVTransferError(

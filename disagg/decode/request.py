@@ -74,6 +74,8 @@ class TokenOutput:
     finish_reason: FinishReason | None = None
     error: DisaggError | None = None
     kv_recomputed: bool = False  # on the last output: remote KV was recomputed after preemption
+    kv_receive_s: float | None = None  # on a remote request's first decoded token: seconds
+    # from ``kv_complete`` until the receiver had the KV in the pool (copies on decode's side)
 
 
 @dataclass(eq=False)
@@ -90,6 +92,8 @@ class DecodeRequest:
     kv_attention: str | None = None  # attention config of the prefill that made its KV
     kv_recomputed: bool = False  # preempted after arrival: decode recomputed the KV densely
     fence_grace_s: float | None = None  # cancelled mid-prefill: fence its rows this long
+    kv_completed_at: float | None = None  # engine clock at kv_complete
+    kv_receive_s: float | None = None  # kv_complete -> KV in the pool, reported once
     deadline: float | None = None  # of the remote wait (reservation until the KV is usable)
     error: DisaggError | None = None
 

@@ -183,7 +183,9 @@ class Scheduler:
                 self._finish(req, status, emit=False)
             outputs.append(TokenOutput(req.request_id, token, status is not None,
                                        None if status is None else status.finish_reason,
-                                       kv_recomputed=req.kv_recomputed))
+                                       kv_recomputed=req.kv_recomputed,
+                                       kv_receive_s=req.kv_receive_s))
+            req.kv_receive_s = None  # reported once, on the first decoded token
         return outputs
 
     def _check_new(self, request: EngineRequest) -> None:

@@ -75,7 +75,10 @@ def test_remote_request_equals_local_request_and_is_bit_exact_in_place(model, se
     first = hand_off(model, engine, sender, req)
     written = engine.cache.read_packed(engine.block_table("r"), len(PROMPT))
     assert all((a == b).all() for a, b in zip(written.k + written.v, kv.k + kv.v))
-    assert [first.token_id] + token_ids(run_to_end(engine)["r"]) == local
+    outputs = run_to_end(engine)["r"]
+    assert [first.token_id] + token_ids(outputs) == local
+    assert outputs[0].kv_receive_s is not None  # reported once, with the first decoded token
+    assert all(o.kv_receive_s is None for o in outputs[1:])
     assert engine.num_free_blocks == 64 and engine.num_fenced_blocks == 0
 
 
