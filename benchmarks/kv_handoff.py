@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--skip-engine", action="store_true",
                         help="leave engine_* columns empty (when another call measured them)")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--setup", default="1gpu", help="the rows' setup name (1gpu, 2gpu)")
     add_provenance_args(parser)
     args = parser.parse_args()
     import ray
@@ -167,7 +168,7 @@ def main() -> None:
                 return statistics.median(x[key] for x in s) * scale  # noqa: B023
 
             rows.append({
-                "setup": "1gpu", "context_tokens": n, "backend": backend,
+                "setup": args.setup, "context_tokens": n, "backend": backend,
                 **engine.get(n, {}),
                 "served_ttft_s": med("served_ttft_s"), "server_prefill_s": med("server_prefill_s"),
                 "exposed_ms": statistics.median(
