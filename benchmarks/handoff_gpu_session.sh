@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU-machine session for the KV hand-off (issue: KV hand-off v2): the GPU test of
-# cuda_ipc between two Serve replicas, then benchmarks/kv_handoff.py for the backends in
-# $BACKENDS (the engine-alone columns unless SKIP_ENGINE=1).
+# One GPU-machine session for the served path: the GPU test of cuda_ipc between two Serve
+# replicas (TESTS=1), benchmarks/kv_handoff.py for the backends in $BACKENDS (HANDOFF=1; the
+# engine-alone columns unless SKIP_ENGINE=1), benchmarks/served_decode.py (SERVED_DECODE=1).
 # Run from the repo root with the .whl set carried (../shared/GPU.md); logs and JSON go to $OUT.
 # The machine has no .git: pass the commit in DISAGG_COMMIT (DISAGG_DIRTY=1 if dirty).
 set -uo pipefail
@@ -18,6 +18,12 @@ if [ "${TESTS:-1}" = 1 ]; then
     timeout "${TESTS_S:-200}" python3 -m pytest -m gpu tests/deployments/test_handoff_gpu.py -q \
     -p no:cacheprovider -x 2>&1 | tee "$OUT/tests.log" | grep -v "Warning\|warn" | tail -25
 fi
-timeout "${BENCH_S:-360}" python3 -m benchmarks.kv_handoff --backends "${BACKENDS:-cuda_ipc}" \
-  --runs "${RUNS:-5}" ${SKIP_ENGINE:+--skip-engine} --out "$OUT/kv_handoff.json" 2>&1 \
-  | tee "$OUT/bench.log" | grep -v "WARN\|INFO\|Warning" | tail -30
+if [ "${HANDOFF:-1}" = 1 ]; then
+  timeout "${BENCH_S:-360}" python3 -m benchmarks.kv_handoff --backends "${BACKENDS:-cuda_ipc}" \
+    --runs "${RUNS:-5}" ${SKIP_ENGINE:+--skip-engine} --out "$OUT/kv_handoff.json" 2>&1 \
+    | tee "$OUT/bench.log" | grep -v "WARN\|INFO\|Warning" | tail -30
+fi
+if [ "${SERVED_DECODE:-0}" = 1 ]; then
+  timeout "${SERVED_S:-200}" python3 -m benchmarks.served_decode --out "$OUT/served_decode.json" \
+    2>&1 | tee "$OUT/served.log" | grep -v "WARN\|INFO\|Warning" | tail -12
+fi

@@ -8,18 +8,20 @@ object per layer holding K and V (16-bit dtypes as int16 views: numpy has no bfl
 shares the prefill process's fate) that holds them until decode has copied them, or until the
 lease expires. Token 0 never waits for any of this.
 Decode side: ``complete`` brings the refs; ``poll`` checks readiness with ``ray.wait`` (which
-fetches the objects to this node) and, once all are local, copies them into the reserved rows
-and releases the lease.
+fetches the objects to this node); once all are local a copy thread writes them into the
+reserved rows (on its own CUDA stream on GPU) while the engine goes on stepping other
+requests; the next poll after it finished says DONE and the lease is released.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,7 +168,8 @@ class RayObjectStoreKVSender:
 
 
 class RayObjectStoreKVReceiver:
-    """Decode side: polls object readiness; never blocks the engine loop."""
+    """Decode side: polls object readiness and copies arrived KV into the pool on a thread of
+    its own (a CUDA stream of its own on GPU), so the engine loop never waits for a copy."""
 
     backend = BACKEND
 
@@ -174,8 +177,10 @@ class RayObjectStoreKVReceiver:
         self.endpoint = f"{BACKEND}:{uuid.uuid4().hex}"
         self._clock = clock
         self._cache = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-copy")
         self._destinations: dict[str, KVDestination] = {}
         self._pending: dict[str, RayKVRef] = {}
+        self._copies: dict[str, tuple[Future, threading.Event]] = {}
         self._done: dict[str, ReceiveResult] = {}
 
     def attach(self, cache) -> None:
@@ -203,23 +208,39 @@ class RayObjectStoreKVReceiver:
         locator = self._pending.get(request_id)
         if locator is None:
             return ReceiveResult(TransferStatus.PENDING)
+        if request_id in self._copies:
+            copy, _ = self._copies[request_id]
+            if not copy.done():
+                return ReceiveResult(TransferStatus.PENDING)
+            del self._copies[request_id]
+            error = copy.exception()
+            return self._end(request_id, ReceiveResult(TransferStatus.DONE) if error is None
+                             else ReceiveResult(TransferStatus.FAILED,
+                                                f"KV objects could not be copied in: {error}"))
         dest = self._destinations[request_id]
         if self._clock() >= dest.expires_at:
             return self._end(request_id, ReceiveResult(TransferStatus.EXPIRED,
                                                        "KV pull deadline passed"))
         ready, _ = ray.wait(locator.refs, num_returns=len(locator.refs), timeout=0,
                             fetch_local=True)
-        if len(ready) < len(locator.refs):
-            return ReceiveResult(TransferStatus.PENDING)
-        try:
-            layers = ray.get(locator.refs)
-        except ray.exceptions.RayError as e:  # owner died, object lost
-            return self._end(request_id, ReceiveResult(TransferStatus.FAILED,
-                                                       f"KV object unavailable: {e}"))
+        if len(ready) == len(locator.refs):  # all on this node: copy them in
+            aborted = threading.Event()
+            self._copies[request_id] = (
+                self._executor.submit(self._copy_in, locator, dest, aborted), aborted)
+        return ReceiveResult(TransferStatus.PENDING)
+
+    def _copy_in(self, locator: RayKVRef, dest: KVDestination, aborted: threading.Event) -> None:
+        layers = ray.get(locator.refs)  # local already: zero-copy views of the objects
         dtype = self._cache.layout.dtype
-        for layer, (k, v) in enumerate(layers):
-            self._cache.write_runs(layer, dest.runs, _tensor(k, dtype), _tensor(v, dtype))
-        return self._end(request_id, ReceiveResult(TransferStatus.DONE))
+        stream = torch.cuda.Stream(self._cache.device) if self._cache.device.type == "cuda" \
+            else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for layer, (k, v) in enumerate(layers):
+                if aborted.is_set():
+                    raise KVTransferAborted(f"KV of {dest.request_id!r} released mid-copy")
+                self._cache.write_runs(layer, dest.runs, _tensor(k, dtype), _tensor(v, dtype))
+        if stream is not None:
+            stream.synchronize()
 
     def _end(self, request_id: str, result: ReceiveResult) -> ReceiveResult:
         locator = self._pending.pop(request_id, None)
@@ -229,6 +250,14 @@ class RayObjectStoreKVReceiver:
         return result
 
     def release(self, request_id: str) -> None:
+        """Forget the request; a copy into its rows in flight stops at its next layer and is
+        waited for (the rows may go to another request right after)."""
+        copy = self._copies.pop(request_id, None)
+        if copy is not None:
+            future, aborted = copy
+            aborted.set()
+            with contextlib.suppress(Exception):
+                future.result()
         self._end(request_id, ReceiveResult(TransferStatus.ABORTED))
         self._destinations.pop(request_id, None)
         self._done.pop(request_id, None)
@@ -236,3 +265,4 @@ class RayObjectStoreKVReceiver:
     def close(self) -> None:
         for request_id in list(self._pending):
             self.release(request_id)
+        self._executor.shutdown(wait=True)

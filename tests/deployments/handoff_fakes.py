@@ -96,3 +96,12 @@ class KVDigestDecodeServer(DecodeServer.func_or_class):
 
     async def digest(self) -> str | None:
         return self.last_digest
+
+
+class OtherModelPrefillServer(PrefillServer.func_or_class):
+    """The real PrefillServer, believing it serves another model: the KV it produces carries
+    that model's name in its fingerprint (a misrouted or misconfigured prefill replica)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.engine.model_name = "some-other-model"

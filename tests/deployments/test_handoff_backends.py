@@ -1,9 +1,12 @@
 """Each CPU KV backend between two real Serve replicas (random:tiny-llama): the prompt KV in
 decode's pool is bit-exact -- the same bytes over ``gloo`` as over the object store, and as
-the prefill engine computes in this process -- and each request leaves nothing behind."""
+the prefill engine computes in this process -- and each request leaves nothing behind. KV
+whose fingerprint names another model is rejected: the request ends with an error after
+token 0, and nothing is decoded from it."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -27,8 +30,8 @@ def config_for(backend: str):
         "ingress": {"num_cpus": 0.1}})
 
 
-def served(url: str, backend: str) -> tuple[str, dict, list]:
-    """Digest of the KV in decode's pool, the usage timing and the logprobs of one request."""
+def deploy(backend: str, prefill_class=None) -> tuple[str, str]:
+    """An app of the real deployments (the prefill class replaceable) under /<app>."""
     import handoff_fakes
 
     from deployments.app import _options
@@ -37,27 +40,41 @@ def served(url: str, backend: str) -> tuple[str, dict, list]:
 
     ray.cloudpickle.register_pickle_by_value(handoff_fakes)  # replicas cannot import tests/
     config = config_for(backend)
-    app, route = f"kv-{backend}", f"/kv-{backend}"
-    prefill = PrefillServer.options(**_options(config.prefill, config)).bind(config)
+    app = f"kv-{backend}" + ("" if prefill_class is None else f"-{prefill_class.__name__}")
+    prefill_deployment = PrefillServer if prefill_class is None else \
+        serve.deployment(prefill_class).options(name="PrefillServer")
+    prefill = prefill_deployment.options(**_options(config.prefill, config)).bind(config)
     decode = serve.deployment(handoff_fakes.KVDigestDecodeServer).options(
         name="DecodeServer", **_options(config.decode, config)).bind(config, prefill)
     ingress = OpenAIIngress.options(**_options(config.ingress, config)).bind(config, decode)
-    serve.run(ingress, name=app, route_prefix=route)
+    serve.run(ingress, name=app, route_prefix=f"/{app}")
+    return app, f"/{app}"
+
+
+def wait_for_free_blocks(app: str):
+    handle = serve.get_deployment_handle("DecodeServer", app)
+    end = time.monotonic() + 30  # liveness: the request's blocks return
+    while True:
+        stats = handle.stats.remote().result()
+        if stats.num_free_blocks == stats.num_total_blocks and not stats.has_unfinished:
+            return stats
+        assert time.monotonic() < end, stats
+        time.sleep(0.1)
+
+
+BODY = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+        "ignore_eos": True, "logprobs": 1}
+
+
+def served(url: str, backend: str) -> tuple[str, dict, list]:
+    """Digest of the KV in decode's pool, the usage timing and the logprobs of one request."""
+    app, route = deploy(backend)
     try:
-        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
-                "ignore_eos": True, "logprobs": 1}
-        r = httpx.post(f"{url}{route}/v1/completions", json=body, timeout=120)
+        r = httpx.post(f"{url}{route}/v1/completions", json=BODY, timeout=120)
         r.raise_for_status()
         assert r.headers["x-disagg-path"] == "disaggregated"
-        handle = serve.get_deployment_handle("DecodeServer", app)
-        digest = handle.digest.remote().result()
-        end = time.monotonic() + 30  # liveness: the request's blocks return
-        while True:
-            stats = handle.stats.remote().result()
-            if stats.num_free_blocks == stats.num_total_blocks and not stats.has_unfinished:
-                break
-            assert time.monotonic() < end, stats
-            time.sleep(0.1)
+        digest = serve.get_deployment_handle("DecodeServer", app).digest.remote().result()
+        wait_for_free_blocks(app)
         result = r.json()
         return digest, result["usage"]["disagg_timing"], result["choices"][0]["logprobs"]
     finally:
@@ -95,3 +112,21 @@ def test_kv_in_decode_pool_is_bit_exact(results, backend):
 def test_backends_decode_the_same_tokens(results):
     logprobs = [results[b][2] for b in BACKENDS]
     assert all(lp == logprobs[0] for lp in logprobs)
+
+
+def test_kv_of_another_model_is_rejected_and_never_decoded(serve_app):
+    from handoff_fakes import OtherModelPrefillServer
+
+    app, route = deploy("object_store", OtherModelPrefillServer)
+    try:
+        before = wait_for_free_blocks(app)
+        with httpx.stream("POST", f"{serve_app}{route}/v1/completions", timeout=120,
+                          json={**BODY, "stream": True}) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        assert len([e for e in events if e.get("choices")]) == 1  # token 0 only
+        error = events[-1]["error"]
+        assert "model" in error["message"] and "some-other-model" in error["message"]
+        assert wait_for_free_blocks(app).num_forwards == before.num_forwards  # none decoded
+    finally:
+        serve.delete(app)

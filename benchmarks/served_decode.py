@@ -1,0 +1,105 @@
+"""Decode as a served user sees it: TPOT over HTTP against the engine's own ITL, and the first
+long request after ready against the second.
+
+One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1-8B, bf16):
+1. Engine alone, before Ray starts: the decode step at batch 1 and the TPOT context
+   (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
+2. The Serve app: right after it is ready, two ``--long`` prompts one after the other (TTFT of
+   each: the first must pay no compilation), then ``--requests`` streamed requests one at a
+   time with ``--context`` prompt tokens and ``--max-tokens`` generated: TPOT = (last chunk -
+   first chunk) / (tokens - 1), median.
+
+    python -m benchmarks.served_decode [--context 4096] [--max-tokens 64] [--requests 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from benchmarks.common import add_provenance_args, print_table, write_results
+from benchmarks.kv_handoff import app_args
+from deployments.config import AppConfig
+
+
+def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_tokens: int
+           ) -> tuple[float, list[float]]:
+    """(seconds to the first token chunk, arrival times of every token chunk)."""
+    body = json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens,
+                       "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+    times = []
+    t0 = time.perf_counter()
+    with client.stream("POST", f"{url}/v1/completions", content=body, timeout=600,
+                       headers={"content-type": "application/json"}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"]:
+                times.append(time.perf_counter())
+    return times[0] - t0, times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("deployments/prefill_decode_1gpu.yaml"))
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--long", type=int, default=32768)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=5)
+    parser.add_argument("--port", type=int, default=8123)
+    add_provenance_args(parser)
+    args = parser.parse_args()
+    import ray
+    from ray import serve
+
+    from benchmarks.decode_itl import EngineBench
+    from deployments.app import build_app
+    from deployments.runtime import resolve_source
+    from disagg.models.loader import load_model
+
+    config = AppConfig.model_validate(app_args(args.config))
+    source = resolve_source(config)
+    model = load_model(source, device=torch.device("cuda"), dtype=torch.bfloat16)
+    bench = EngineBench(model, [(1, args.context)], steps=args.max_tokens + 10)
+    engine_itl_ms = bench.run(1, args.context, steps=args.max_tokens, warmup=5)["itl_ms"]
+    del bench, model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    ray.init(include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.run(build_app(config), name="disagg", route_prefix="/")
+    url, vocab = f"http://127.0.0.1:{args.port}", source.model_config().vocab_size
+    g = torch.Generator().manual_seed(2)
+    with httpx.Client() as client:
+        long_ttft = [stream(client, url, config.model_name,
+                            torch.randint(0, vocab, (args.long,), generator=g).tolist(), 2)[0]
+                     for _ in range(2)]
+        tpot = []
+        for _ in range(args.requests):
+            _, times = stream(client, url, config.model_name,
+                              torch.randint(0, vocab, (args.context,), generator=g).tolist(),
+                              args.max_tokens)
+            tpot.append((times[-1] - times[0]) / (len(times) - 1))
+    serve.shutdown()
+    ray.shutdown()
+    row = {"context_tokens": args.context, "max_tokens": args.max_tokens,
+           "engine_itl_ms": engine_itl_ms, "http_tpot_ms": statistics.median(tpot) * 1e3,
+           "first_long_ttft_s": long_ttft[0], "second_long_ttft_s": long_ttft[1],
+           "long_tokens": args.long, "requests": args.requests}
+    row["tpot_over_itl_ms"] = row["http_tpot_ms"] - row["engine_itl_ms"]
+    write_results("served_decode", [row], commit=args.commit, dirty=args.dirty, out=args.out)
+    print_table([row], ["engine_itl_ms", "http_tpot_ms", "tpot_over_itl_ms", "first_long_ttft_s",
+                        "second_long_ttft_s"])
+
+
+if __name__ == "__main__":
+    main()
