@@ -7,7 +7,7 @@ outputs are dispatched to per-request asyncio queues.
 Life of the loop:
 1. ``start`` launches the thread; ``heartbeat`` is refreshed on every turn (health checks
    follow it).
-2. Each turn: run queued calls (add, abort, kv_ready...) → if the engine has work, ``step``
+2. Each turn: run queued calls (add, abort, kv_complete...) → if the engine has work, ``step``
    and dispatch outputs → else wait for the next call (bounded, so the heartbeat stays fresh).
    A turn that ran no forward (e.g. only KV pulls pending) sleeps briefly instead of spinning.
 3. ``stop`` ends the thread; every open stream gets ``EngineLoopStopped``.
