@@ -54,8 +54,7 @@ class PrefillServer:
             loaded.model, model_name=config.model_name,
             trianglemix=trianglemix_config(config, loaded.config),
             senders=build_senders(config, replica_device(config, settings.num_gpus)),
-            config=PrefillConfig(lease_s=settings.lease_s,
-                                 max_leased_bytes=int(settings.max_leased_gib * _GIB)),
+            config=PrefillConfig(max_leased_bytes=int(settings.max_leased_gib * _GIB)),
         )
         report = warm_up_prefill(self.engine)
         logger.info("PrefillServer warm-up: prompts of %s tokens in %.1f s",

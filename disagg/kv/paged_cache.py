@@ -4,8 +4,8 @@
 ``kv/layout.py``); cache row ("slot") ``b * block_size + i`` is row i of block b. Which rows
 belong to which request is the ``BlockPool``'s business; this class only moves rows:
 
-1. ``write_packed`` copies a received prompt KV (``PackedKV``) into a request's blocks with one
-   copy per contiguous block range per layer.
+1. ``write_runs`` copies one layer of a received prompt KV into a destination's row runs, one
+   copy per contiguous block range (``write_packed``: every layer of a ``PackedKV``).
 2. ``slot_mapping`` gives the cache rows of a request's token positions; the attention metadata
    stores new K/V there and gathers keys from there.
 """
@@ -48,10 +48,9 @@ class PagedKVCache:
     def write_packed(self, block_table: BlockTable, packed: PackedKV) -> None:
         """Copy a prompt's KV (positions ``0 .. N-1``) into ``block_table``'s rows."""
         self._check(packed)
-        for slot, token, n in block_table.slot_runs(self.block_size, 0, packed.num_tokens):
-            for layer in range(self.layout.num_layers):
-                self.k[layer][slot:slot + n].copy_(packed.k[layer][token:token + n])
-                self.v[layer][slot:slot + n].copy_(packed.v[layer][token:token + n])
+        runs = block_table.slot_runs(self.block_size, 0, packed.num_tokens)
+        for layer in range(self.layout.num_layers):
+            self.write_runs(layer, runs, packed.k[layer], packed.v[layer])
 
     def write_runs(self, layer: int, runs, k: torch.Tensor, v: torch.Tensor) -> None:
         """Copy one layer's prompt rows ``k``, ``v`` ``[N, Hkv, D]`` into cache rows given as

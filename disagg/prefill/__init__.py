@@ -1,1 +1,1 @@
-"""The prefill side: TriangleMix prefill of whole prompts, KV published under leases."""
+"""The prefill side: TriangleMix prefill of whole prompts, each layer's KV handed to a writer."""

@@ -39,14 +39,13 @@ class PrefillBusyError(DisaggError):
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    """Prefill-side limits."""
+    """Prefill-side limits (how long a lease lasts is its sender's: ``RayObjectStoreKVSender``)."""
 
-    lease_s: float = 60.0  # how long object-store KV waits to be copied before it is freed
     max_leased_bytes: int = 8 << 30  # refuse new prompts while un-pulled KV exceeds this
 
     def __post_init__(self):
-        if self.lease_s <= 0 or self.max_leased_bytes <= 0:
-            raise ValueError("lease_s and max_leased_bytes must be positive")
+        if self.max_leased_bytes <= 0:
+            raise ValueError("max_leased_bytes must be positive")
 
 
 @dataclass(frozen=True)

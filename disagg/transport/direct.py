@@ -48,6 +48,12 @@ class CudaIpcExport:
     v: tuple
 
 
+def _direct_backend(backend: str) -> str:
+    if backend not in (INPROCESS, CUDA_IPC):
+        raise ValueError(f"unknown direct backend {backend!r}")
+    return backend
+
+
 class DirectKVWriter:
     """Writes one request's layers into ``k_pool``/``v_pool`` rows of ``destination.runs``."""
 
@@ -114,9 +120,7 @@ class DirectKVSender:
 
     def __init__(self, backend: str = INPROCESS, node: str = "",
                  clock: Callable[[], float] = time.time):
-        if backend not in (INPROCESS, CUDA_IPC):
-            raise ValueError(f"unknown direct backend {backend!r}")
-        self.backend = backend
+        self.backend = _direct_backend(backend)
         self.node = node
         self._clock = clock
         self._mapped: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -163,9 +167,7 @@ class DirectKVReceiver:
 
     def __init__(self, backend: str = INPROCESS, node: str = "",
                  clock: Callable[[], float] = time.time):
-        if backend not in (INPROCESS, CUDA_IPC):
-            raise ValueError(f"unknown direct backend {backend!r}")
-        self.backend = backend
+        self.backend = _direct_backend(backend)
         self.node = node
         self.endpoint = f"{backend}:{uuid.uuid4().hex}"
         self._clock = clock
