@@ -41,6 +41,8 @@ class PrefillSettings(ReplicaSettings):
                                                    "waits to be copied by decode")
     max_leased_gib: float = Field(4.0, gt=0, description="refuse prompts while un-pulled KV "
                                                          "exceeds this (GiB)")
+    sp: int = Field(1, ge=1, description="sequence-parallel degree: ranks (GPUs, or CPU "
+                                         "processes) of one replica's SP group")
 
 
 class DecodeSettings(ReplicaSettings):
