@@ -81,10 +81,17 @@ class LeaseKeeper:
 @dataclass(frozen=True)
 class RayKVRef:
     """The locator in a completion record: one object per layer (in a list, so Ray passes
-    them by reference) and the keeper that holds their lease."""
+    them by reference), the keeper that holds their lease, and the destination rows they
+    fill (``runs`` with token indices into the objects' rows). A sequence-parallel prefill's
+    record carries a tuple of them, one per rank, each with its rank's rows."""
 
     refs: list
     keeper: ray.actor.ActorHandle
+    runs: tuple[Run, ...] | None = None  # None: the destination's runs
+
+
+def _parts(payload) -> tuple[RayKVRef, ...]:
+    return payload if isinstance(payload, tuple) else (payload,)
 
 
 class ObjectStoreKVWriter:
@@ -132,7 +139,8 @@ class ObjectStoreKVWriter:
             raise KVTransferAborted(f"KV of {header.request_id!r} was aborted or is incomplete")
         ray.get(self._keeper.hold.remote(header.request_id, refs, self._bytes, self._lease_s))
         return KVCompletion(header, BACKEND, self._bytes, self._num_layers,
-                            time.perf_counter() - t0, RayKVRef(refs, self._keeper))
+                            time.perf_counter() - t0,
+                            RayKVRef(refs, self._keeper, self.destination.runs))
 
     def abort(self) -> None:
         self._aborted.set()
@@ -179,7 +187,7 @@ class RayObjectStoreKVReceiver:
         self._cache = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-copy")
         self._destinations: dict[str, KVDestination] = {}
-        self._pending: dict[str, RayKVRef] = {}
+        self._pending: dict[str, tuple[RayKVRef, ...]] = {}
         self._copies: dict[str, tuple[Future, threading.Event]] = {}
         self._done: dict[str, ReceiveResult] = {}
 
@@ -194,9 +202,10 @@ class RayObjectStoreKVReceiver:
         return dest
 
     def complete(self, completion: KVCompletion) -> None:
-        locator = completion.payload
+        locator = _parts(completion.payload)
         if completion.request_id not in self._destinations:
-            locator.keeper.release.remote(completion.request_id)
+            for part in locator:
+                part.keeper.release.remote(completion.request_id)
             self._done[completion.request_id] = ReceiveResult(TransferStatus.ABORTED,
                                                               "no destination for this request")
             return
@@ -221,31 +230,34 @@ class RayObjectStoreKVReceiver:
         if self._clock() >= dest.expires_at:
             return self._end(request_id, ReceiveResult(TransferStatus.EXPIRED,
                                                        "KV pull deadline passed"))
-        ready, _ = ray.wait(locator.refs, num_returns=len(locator.refs), timeout=0,
-                            fetch_local=True)
-        if len(ready) == len(locator.refs):  # all on this node: copy them in
+        refs = [ref for part in locator for ref in part.refs]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)
+        if len(ready) == len(refs):  # all on this node: copy them in
             aborted = threading.Event()
             self._copies[request_id] = (
                 self._executor.submit(self._copy_in, locator, dest, aborted), aborted)
         return ReceiveResult(TransferStatus.PENDING)
 
-    def _copy_in(self, locator: RayKVRef, dest: KVDestination, aborted: threading.Event) -> None:
-        layers = ray.get(locator.refs)  # local already: zero-copy views of the objects
+    def _copy_in(self, locator: tuple[RayKVRef, ...], dest: KVDestination,
+                 aborted: threading.Event) -> None:
         dtype = self._cache.layout.dtype
         stream = torch.cuda.Stream(self._cache.device) if self._cache.device.type == "cuda" \
             else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            for layer, (k, v) in enumerate(layers):
-                if aborted.is_set():
-                    raise KVTransferAborted(f"KV of {dest.request_id!r} released mid-copy")
-                self._cache.write_runs(layer, dest.runs, _tensor(k, dtype), _tensor(v, dtype))
+            for part in locator:
+                layers = ray.get(part.refs)  # local already: zero-copy views of the objects
+                for layer, (k, v) in enumerate(layers):
+                    if aborted.is_set():
+                        raise KVTransferAborted(f"KV of {dest.request_id!r} released mid-copy")
+                    self._cache.write_runs(layer, part.runs or dest.runs, _tensor(k, dtype),
+                                           _tensor(v, dtype))
         if stream is not None:
             stream.synchronize()
 
     def _end(self, request_id: str, result: ReceiveResult) -> ReceiveResult:
         locator = self._pending.pop(request_id, None)
-        if locator is not None:
-            locator.keeper.release.remote(request_id)
+        for part in locator or ():
+            part.keeper.release.remote(request_id)
         self._done[request_id] = result
         return result
 
