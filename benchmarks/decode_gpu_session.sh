@@ -10,7 +10,7 @@ mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/disagg_kernels
 export PYTHONPATH="/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/gpu.txt"
-TESTS="tests/kernels/test_paged_decode_gpu.py tests/decode/test_decode_graphs_gpu.py"
+TESTS=${TESTS:-"tests/kernels/test_paged_decode_gpu.py tests/decode/test_decode_graphs_gpu.py"}
 DISAGG_GPU_TESTS_JSON="$OUT/gpu_tests_decode.json" DISAGG_GPU_TESTS_SELECTION="-m gpu $TESTS" \
   timeout "${TESTS_S:-100}" python3 -m pytest -m gpu $TESTS -q -p no:cacheprovider \
   2>&1 | tee "$OUT/tests.log" | tail -25

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import time
 from pathlib import Path
@@ -118,6 +119,41 @@ class EngineBench:
                 "num_splits": pick_num_splits(runner.graphs.padded_size(batch),
                                               engine.layout.num_kv_heads,
                                               engine.cache.device)}
+
+    def profile(self, batch: int, context: int, steps: int = 5) -> dict:
+        """A torch-profiler trace of ``steps`` steps of the case: the CUDA kernels by total
+        time per step and the host-side ops by self CPU time per step (where a step's time
+        goes when ITL is above the graph's GPU time)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        engine, runner = self.engine, self.engine.runner
+        tables = [engine.pool.allocate(blocks_for(context + steps + 2, BLOCK_SIZE))
+                  for _ in range(batch)]
+        params = SamplingParams(temperature=0.0, ignore_eos=True)
+        try:
+            def step(i):
+                seqs = tuple(ScheduledSequence(f"r{b}", (7 * b,), context - 1 + i, tables[b], i,
+                                               params, b) for b in range(batch))
+                runner.execute(SchedulerOutput(seqs))
+            for i in range(2):
+                step(i)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for i in range(steps):
+                    step(2 + i)
+        finally:
+            for t in tables:
+                engine.pool.free(t)
+        events = prof.key_averages()
+
+        def top(key, n=25):
+            rows = sorted(events, key=key, reverse=True)[:n]
+            return [{"name": e.key[:120], "calls_per_step": e.count / steps,
+                     "cuda_us_per_step": e.device_time_total / steps,
+                     "self_cpu_us_per_step": e.self_cpu_time_total / steps} for e in rows]
+        return {"batch": batch, "context_tokens": context, "steps": steps,
+                "cuda_kernels": top(lambda e: e.device_time_total if e.device_type.name == "CUDA"
+                                    or "kernel" in e.key.lower() else 0),
+                "host_ops": top(lambda e: e.self_cpu_time_total)}
 
     def _replay_ms(self, batch: int, repeats: int = 10) -> float:
         """The last step's graph replayed alone (its inputs still staged)."""
@@ -219,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-s", type=float, default=1e9,
                         help="skip transformers batches that would start after this many s")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--profile-out", type=Path, default=None,
+                        help="also write a profiler summary of batch-1 4K steps here")
     parser.add_argument("--sweep-cases", nargs="+", default=["1x131072", "32x4096"])
     parser.add_argument("--sweep-out", type=Path, default=RESULTS_DIR / "decode_kernel_sweep.json")
     add_provenance_args(parser)
@@ -243,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         rows[-1]["transformers_itl_ms"] = None
         print(rows[-1], flush=True)
         save(rows)
+    if args.profile_out:
+        args.profile_out.write_text(json.dumps(bench.profile(1, 4096), indent=1))
+        print(f"wrote {args.profile_out}", flush=True)
     if args.sweep:
         sweep = bench.sweep([parse_case(c) for c in args.sweep_cases])
         write_results("decode_kernel_sweep", sweep, commit=args.commit, dirty=args.dirty,

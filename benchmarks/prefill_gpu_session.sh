@@ -13,7 +13,7 @@ mkdir -p "$OUT" /tmp/pp
 ln -sfn "$PWD/kernels" /tmp/pp/disagg_kernels
 export PYTHONPATH="/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-TESTS="tests/models/test_fused_gpu.py"
+TESTS=${TESTS:-"tests/models/test_fused_gpu.py"}
 for step in $STEPS; do
   case $step in
     tests) DISAGG_GPU_TESTS_JSON="$OUT/gpu_tests_prefill.json" \

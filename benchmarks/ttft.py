@@ -137,6 +137,7 @@ def fused_op_timings(config, n: int) -> dict[str, float]:
     cos2, sin2 = (torch.cat((t, t), -1).to(bf16)[:, None] for t in (cos, sin))
     gate = torch.randn(n, config.intermediate_size, device="cuda", dtype=bf16, generator=g)
     up = torch.randn_like(gate)
+    packed = torch.cat((gate, up), dim=-1).chunk(2, dim=-1)  # the fused gate/up product
 
     def unfused_add_norm():
         r = res32 + x
@@ -154,6 +155,7 @@ def fused_op_timings(config, n: int) -> dict[str, float]:
         "rope_q": lambda: rope(q, cos, sin),
         "rope_q_unfused": unfused_rope,
         "silu_mul": lambda: silu_mul(gate, up, out=gate),
+        "silu_mul_packed": lambda: silu_mul(*packed, out=packed[0]),
         "silu_mul_unfused": lambda: F.silu(gate) * up,
     }
     return {name: float(do_bench(fn, warmup=5, rep=50)) for name, fn in cases.items()}

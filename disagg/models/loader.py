@@ -71,7 +71,8 @@ def resolve_model(name: str, *, cache_dir: Path, seed: int = 0) -> ModelSource:
 def load_model(
     source: ModelSource, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> LlamaForCausalLM:
-    """Build the model of ``source`` on ``device`` in ``dtype``, weights loaded, in eval mode."""
+    """Build the model of ``source`` on ``device`` in ``dtype``, weights loaded, in eval mode,
+    its projections packed (``LlamaForCausalLM.fuse_projections``)."""
     config = source.model_config()
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -87,7 +88,9 @@ def load_model(
         model.to(device=device, dtype=dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    model.fuse_projections()
+    return model
 
 
 def load_tokenizer(source: ModelSource):

@@ -51,12 +51,16 @@ def _rope_fwd(
     tl.store(ptr + half, (x2 * c + x1 * s).to(X.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_elements"])
-def _silu_mul_fwd(G, U, Out, num_elements, BLOCK: tl.constexpr):
-    # Flat [BLOCK] slices of contiguous tensors; Out may alias G (each element read first).
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_elements
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+@triton.jit(do_not_specialize=["num_rows", "stride_g", "stride_u", "stride_o"])
+def _silu_mul_fwd(G, U, Out, stride_g, stride_u, stride_o, num_rows, num_cols,
+                  BLOCK: tl.constexpr):
+    # Program (row, column block): [BLOCK] elements of one row of each of the three [T, C]
+    # tensors (rows strided: gate and up may be the halves of one packed product); Out may
+    # alias G (each element is read before it is written).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < num_cols
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     y = g / (1.0 + tl.exp(-g)) * u
-    tl.store(Out + offs, y.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)

@@ -1,8 +1,8 @@
 """Typed launchers of the fused Triton ops (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
-Layouts: rows ``[T, H]`` with a contiguous last dim (row stride free) for the norms; heads
-``[T, H, D]`` with a contiguous last dim for RoPE, cos/sin ``[T, D // 2]`` fp32; contiguous
-tensors of any shape for SiLU x mul. Launch shapes are chosen here and nowhere else.
+Layouts: rows ``[T, H]`` with a contiguous last dim (row stride free) for the norms and for
+SiLU x mul (whose gate and up may be the two halves of one packed ``[T, 2I]`` product); heads
+``[T, H, D]`` with a contiguous last dim for RoPE, cos/sin ``[T, D // 2]`` fp32. Launch shapes are chosen here and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import triton
 
 from .kernel import _rms_norm_fwd, _rope_fwd, _silu_mul_fwd
 
-SILU_BLOCK = 2048  # elements per program: 16 per thread at 4 warps
+SILU_BLOCK = 1024  # elements of a row per program: 8 per thread (16-byte bf16 loads) at 4 warps
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -82,21 +82,22 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu(gate) * up`` elementwise (contiguous, same shape and dtype), into ``out`` when
-    given (``out`` may be ``gate`` itself)."""
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
-        raise ValueError("gate and up must share shape, dtype and device")
+    """``silu(gate) * up`` elementwise for ``[T, C]`` rows (same shape and dtype, contiguous
+    last dims, any row strides), into ``out`` when given (``out`` may be ``gate`` itself)."""
     if gate.dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {gate.dtype}")
     if out is None:
-        out = torch.empty_like(gate, memory_format=torch.contiguous_format)
-    for name, t in (("gate", gate), ("up", up), ("out", out)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if out.shape != gate.shape or out.dtype != gate.dtype or out.device != gate.device:
-        raise ValueError("out must match gate's shape, dtype and device")
-    n = gate.numel()
-    if n:
-        _silu_mul_fwd[(triton.cdiv(n, SILU_BLOCK),)](gate, up, out, n, BLOCK=SILU_BLOCK,
-                                                      num_warps=4)
+        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if gate.dim() != 2:
+        raise ValueError(f"gate must be [T, C], got {tuple(gate.shape)}")
+    for name, t in (("up", up), ("out", out)):
+        _check_rows(name, t, gate)
+        if t.dtype != gate.dtype:
+            raise ValueError(f"{name} must be in gate's dtype {gate.dtype}")
+    _check_rows("gate", gate, gate)
+    num_rows, num_cols = gate.shape
+    if num_rows and num_cols:
+        grid = (num_rows, triton.cdiv(num_cols, SILU_BLOCK))
+        _silu_mul_fwd[grid](gate, up, out, gate.stride(0), up.stride(0), out.stride(0),
+                            num_rows, num_cols, BLOCK=SILU_BLOCK, num_warps=4)
     return out

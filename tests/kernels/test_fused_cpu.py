@@ -122,7 +122,7 @@ def test_rope_kernel_on_a_view_with_head_strides():
 
 
 @interpreter
-@pytest.mark.parametrize("shape", [(1, 160), (3, 1000), (5000,)])
+@pytest.mark.parametrize("shape", [(1, 160), (3, 1000), (2, 2500)])
 def test_silu_mul_kernel(shape):
     from disagg_kernels.fused.launcher import silu_mul_triton
 
@@ -136,6 +136,18 @@ def test_silu_mul_kernel(shape):
 
 
 @interpreter
+def test_silu_mul_kernel_on_the_halves_of_a_packed_product():
+    from disagg_kernels.fused.launcher import silu_mul_triton
+
+    gate_up = _randn(3, 2 * 1100)  # a fused gate/up projection: row stride 2I
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected, up_before = F.silu(gate) * up, up.clone()
+    assert silu_mul_triton(gate, up, out=gate) is gate
+    assert torch.allclose(gate, expected, atol=FP32_ATOL)
+    assert torch.equal(up, up_before)  # the up half is read, never written
+
+
+@interpreter
 def test_launchers_reject_bad_layouts():
     from disagg_kernels.fused.launcher import rms_norm_triton, rope_triton, silu_mul_triton
 
@@ -145,3 +157,5 @@ def test_launchers_reject_bad_layouts():
         rope_triton(_randn(4, 2, 32), *(t.double() for t in _cos_sin(4, 16)))
     with pytest.raises(ValueError):
         silu_mul_triton(_randn(4, 64).t(), _randn(64, 4))
+    with pytest.raises(ValueError):
+        silu_mul_triton(_randn(5000), _randn(5000))  # rows [T, C] only

@@ -69,6 +69,12 @@ def test_silu_mul_bf16(shape):
     assert rel_rms(fused.silu_mul(g, u, out=g), ref) < KERNEL_REL_RMS
 
 
+def test_silu_mul_bf16_over_a_packed_gate_up():
+    gate, up = _randn(1001, 2 * 14336).chunk(2, dim=-1)
+    ref = fused.silu_mul_reference(gate.float(), up.float())
+    assert rel_rms(fused.silu_mul(gate, up, out=gate), ref) < KERNEL_REL_RMS
+
+
 def _prefill(model, name, trianglemix, prompt):
     from benchmarks.bf16_reference_gap import prefill_logits_and_kv
 
