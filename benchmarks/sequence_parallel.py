@@ -116,7 +116,7 @@ def project(engine: PrefillEngine, request: EngineRequest, world: int, check) ->
 
     for rank in range(world):
         results[rank] = [run(rank)]
-    for _ in range(3):
+    for _ in range(2):
         slowest = max(results, key=lambda r: min(t for t, _, _ in results[r]))
         if len(results[slowest]) > 1:
             break
@@ -140,8 +140,8 @@ def build(args, device: torch.device):
         tm = TriangleMixConfig(tuple(args.triangle_layers), TriangleParams(*args.triangle_params))
     else:
         tm = published_trianglemix(args.model, TriangleParams(*args.triangle_params))
-    engines = {"dense": PrefillEngine(model, model_name=source.name),
-               "trianglemix": PrefillEngine(model, model_name=source.name, trianglemix=tm)}
+    engines = {"trianglemix": PrefillEngine(model, model_name=source.name, trianglemix=tm),
+               "dense": PrefillEngine(model, model_name=source.name)}
     return model, engines
 
 

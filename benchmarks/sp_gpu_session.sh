@@ -14,12 +14,12 @@ export PYTHONPATH="/tmp/pp:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 for step in $STEPS; do
   case $step in
-    bench) timeout "${BENCH_S:-175}" python3 -m benchmarks.sequence_parallel \
+    bench) timeout "${BENCH_S:-165}" python3 -m benchmarks.sequence_parallel \
            --lengths ${LENGTHS:-32768 131072} --sp ${SP:-2 4 8} --out "$OUT/sequence_parallel.json" \
            2>&1 | tee "$OUT/bench.log" | tail -30 ;;
     tests) DISAGG_GPU_TESTS_JSON="$OUT/gpu_tests_sp.json" \
            DISAGG_GPU_TESTS_SELECTION="-m gpu tests/prefill/test_sequence_parallel_gpu.py" \
-           timeout "${TESTS_S:-70}" python3 -m pytest -m gpu tests/prefill/test_sequence_parallel_gpu.py \
+           timeout "${TESTS_S:-60}" python3 -m pytest -m gpu tests/prefill/test_sequence_parallel_gpu.py \
            -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
   esac
 done

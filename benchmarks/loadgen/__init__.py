@@ -1,0 +1,1 @@
+"""The HTTP load generator behind ``python -m benchmarks.serve``."""

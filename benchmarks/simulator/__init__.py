@@ -1,0 +1,1 @@
+"""A discrete-event simulator of a prefill/decode cluster, calibrated from component benchmarks."""

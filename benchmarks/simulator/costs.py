@@ -1,0 +1,122 @@
+"""The simulator's costs, fitted from component benchmarks only (never from end-to-end runs
+under load): a ``disagg.cost_model.CostModel`` (the router's own cost language) plus the
+serving layer's fixed overhead per request.
+
+- H200, random Llama-3.1-8B bf16 (``h200_llama8b``): prefill from ``ttft.json`` (dense and
+  TriangleMix rows, engine alone), decode step from ``decode_itl.json`` (batch x context),
+  exposed KV transfer from ``kv_handoff.json`` (cuda_ipc on one GPU), the serving layer's
+  overhead from ``kv_handoff.json`` (served TTFT - engine TTFT, single isolated requests).
+  NVLink and network links are priced from the measured NCCL send/recv rate (DESIGN.md §5,
+  369 GB/s) and an assumed 400 Gb/s (50 GB/s) network; sequence parallelism divides prefill
+  compute by ``sp * 0.9`` and adds an all-gather of the dense layers' K/V over NVLink (an
+  assumption until the SP issue measures it).
+- CPU (``from_calibration``): ``sim_calibration_<setup>.json`` written by
+  ``benchmarks.simulator.calibrate`` on the machine that runs the app, and the overhead from
+  isolated requests (concurrency 1) against that app.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS_DIR
+from disagg.cost_model import (
+    CostModel,
+    ModelShape,
+    TransferCost,
+    fit_decode,
+    fit_prefill,
+    fit_transfer,
+    nonnegative_lstsq,
+)
+from disagg.models.random_configs import RANDOM_CONFIGS
+
+NVLINK_BYTES_PER_S = 369e9  # NCCL send/recv between two H200s (DESIGN.md §5)
+NETWORK_BYTES_PER_S = 50e9  # assumption: one 400 Gb/s NIC per GPU
+SP_EFFICIENCY = 0.9  # assumption until sequence parallelism is measured
+LLAMA8B_TRIANGLE_FRACTION = 0.5  # layers 16-31 of 32 (DESIGN.md §1)
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """Serving-layer seconds a request spends outside prefill before its first token
+    (HTTP, tokenize / JSON ids, routing, the decode -> prefill hop, streaming back)."""
+
+    fixed_s: float
+    per_token_s: float
+
+    def seconds(self, num_tokens: int) -> float:
+        return self.fixed_s + self.per_token_s * num_tokens
+
+    @classmethod
+    def fit(cls, rows: list[tuple[int, float]]) -> Overhead:
+        x = np.array([[1.0, float(n)] for n, _ in rows])
+        fixed, per = nonnegative_lstsq(x, np.array([s for _, s in rows]))
+        return cls(float(fixed), float(per))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    cost: CostModel
+    overhead: Overhead
+    kv_bytes_per_token: int
+    triangle_fraction: float
+    sources: tuple[str, ...]
+
+
+def _shape(name: str) -> ModelShape:
+    c = RANDOM_CONFIGS[name]
+    heads = c["num_attention_heads"]
+    return ModelShape(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], heads,
+                      c["num_key_value_heads"], c.get("head_dim", c["hidden_size"] // heads))
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads(Path(path).read_text())["rows"]
+
+
+def h200_llama8b(results: Path = RESULTS_DIR) -> Calibration:
+    shape = _shape("llama-3.1-8b")
+    ttft = _rows(results / "ttft.json")
+    prefill = fit_prefill([(1, r["prompt_tokens"],
+                            LLAMA8B_TRIANGLE_FRACTION if r["mode"] == "trianglemix" else 0.0,
+                            r["ours_s"]) for r in ttft])
+    decode = fit_decode([(r["batch"], r["context_tokens"], r["itl_ms"] / 1e3)
+                         for r in _rows(results / "decode_itl.json")])
+    handoff = [r for r in _rows(results / "kv_handoff.json") if r["backend"] == "cuda_ipc"]
+    same_gpu = fit_transfer("cuda_ipc", [(r["kv_bytes"], r["transfer_ms"] / 1e3)
+                                         for r in handoff])
+    kv = shape.kv_bytes_per_token
+    transfers = (same_gpu, TransferCost("nvlink", same_gpu.fixed_s, 1 / NVLINK_BYTES_PER_S),
+                 TransferCost("network", same_gpu.fixed_s, 1 / NETWORK_BYTES_PER_S))
+    # The hop's cost is inside the measured served-vs-engine overhead below.
+    overhead = Overhead.fit([(r["context_tokens"], r["served_ttft_s"] - r["engine_ttft_s"])
+                             for r in handoff])
+    dense_kv = kv * (1 - LLAMA8B_TRIANGLE_FRACTION)
+    cost = CostModel(prefill, decode, transfers, remote_overhead_s=0.0, shape=shape,
+                     sp_efficiency=SP_EFFICIENCY, sp_per_token_s=dense_kv / NVLINK_BYTES_PER_S,
+                     source="ttft.json, decode_itl.json, kv_handoff.json")
+    return Calibration(cost, overhead, kv, LLAMA8B_TRIANGLE_FRACTION,
+                       ("ttft.json", "decode_itl.json", "kv_handoff.json"))
+
+
+def from_calibration(path: Path, overhead_rows: list[tuple[int, float]],
+                     model: str = "smollm2-135m") -> Calibration:
+    """A CPU setup: the calibrate CLI's rows, and (prompt tokens, served TTFT - prefill)
+    of isolated requests for the overhead."""
+    payload = json.loads(Path(path).read_text())
+    rows = payload["rows"]
+    prefill = fit_prefill([(1, r["prompt_tokens"], 0.0, r["seconds"])
+                           for r in rows if r["kind"] == "prefill"])
+    decode = fit_decode([(r["batch"], r["context_tokens"], r["step_s"])
+                         for r in rows if r["kind"] == "decode"])
+    shape = _shape(model)
+    cost = CostModel(prefill, decode, (TransferCost("object_store", 0.0, 0.0),),
+                     remote_overhead_s=0.0, shape=shape, threads=payload.get("threads", 1),
+                     source=str(Path(path).name))
+    return Calibration(cost, Overhead.fit(overhead_rows), shape.kv_bytes_per_token * 2,  # fp32
+                       0.0, (str(Path(path).name),))

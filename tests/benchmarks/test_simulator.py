@@ -1,0 +1,98 @@
+"""The cluster simulator against queueing theory: M/M/1 and M/D/1 closed forms, determinism
+for a seed, and doubling the prefill replicas halving the queueing of a burst."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.loadgen.workload import WorkItem, parse_lengths, synthetic
+from benchmarks.simulator.cluster import ClusterSpec, PoolSpec
+from benchmarks.simulator.costs import Calibration, Overhead
+from benchmarks.simulator.policies import AlwaysRemote, LengthAware, RoundRobin
+from benchmarks.simulator.run import simulate, summary
+from disagg.cost_model import CostModel, DecodeCost, ModelShape, PrefillCost, TransferCost
+from disagg.routing import QueueBounds, RoutingSettings
+
+SECONDS_PER_TOKEN = 1e-4  # a prompt of 10K tokens is one second of prefill
+
+
+def _calibration(decode_step_s: float = 0.0) -> Calibration:
+    cost = CostModel(PrefillCost(0.0, SECONDS_PER_TOKEN, 0.0), DecodeCost(decode_step_s, 0, 0),
+                     (TransferCost("cuda_ipc", 0.0, 0.0),), remote_overhead_s=0.0,
+                     shape=ModelShape(2, 64, 128, 4, 2, 16))
+    return Calibration(cost, Overhead(0.0, 0.0), 128, 0.0, ("test",))
+
+
+def _remote_settings() -> RoutingSettings:
+    unbounded = QueueBounds(max_queued_requests=1 << 30, max_queued_tokens=1 << 60)
+    return RoutingSettings(mode="remote", max_queue_wait_s=math.inf,
+                           prefill_bounds=unbounded, decode_bounds=unbounded)
+
+
+def _poisson(n: int, rate: float, prompt_tokens: np.ndarray, seed: int) -> list[WorkItem]:
+    rng = np.random.default_rng(seed)
+    t = np.concatenate([[0.0], np.cumsum(rng.exponential(1 / rate, n - 1))])
+    return [WorkItem(i, float(t[i]), int(prompt_tokens[i]), 1) for i in range(n)]
+
+
+def _single_server_mean_ttft(items: list[WorkItem]) -> float:
+    spec = ClusterSpec((PoolSpec("p"),), num_decode=1)
+    row = summary(simulate(spec, _calibration(), AlwaysRemote(seed=0), items))
+    assert row["completed"] == len(items)
+    return row["ttft_mean_s"]
+
+
+# Seeds are fixed (the runs are deterministic); tolerances cover the sampling error of 40K
+# requests at these loads (it grows as 1 / (1 - rho)^2): a biased queue still fails.
+@pytest.mark.parametrize("rho", [0.5, 0.7])
+def test_mm1_mean_sojourn(rho):
+    """Exponential prefill times (1 s mean), Poisson arrivals: W = 1 / (mu - lambda)."""
+    n = 40000
+    lengths = np.maximum(1, np.rint(np.random.default_rng(7).exponential(10000, n)))
+    mean_service = lengths.mean() * SECONDS_PER_TOKEN
+    mu = 1 / mean_service
+    lam = rho * mu
+    w = _single_server_mean_ttft(_poisson(n, lam, lengths, seed=3))
+    assert w == pytest.approx(1 / (mu - lam), rel=0.06 if rho > 0.6 else 0.04)
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.7])
+def test_md1_mean_sojourn(rho):
+    """Fixed prefill time s: W = s + rho * s / (2 (1 - rho)) (Pollaczek-Khinchine)."""
+    n = 40000
+    s = 1.0
+    w = _single_server_mean_ttft(_poisson(n, rho / s, np.full(n, 10000), seed=5))
+    assert w == pytest.approx(s + rho * s / (2 * (1 - rho)), rel=0.04 if rho > 0.6 else 0.03)
+
+
+def test_deterministic_for_a_seed():
+    items = synthetic(300, parse_lengths("mix:0.8*uniform:1000:4000,0.2*uniform:32768:131072"),
+                      parse_lengths("uniform:1:8"), rate=0.5, seed=11)
+    spec = ClusterSpec((PoolSpec("p", num_replicas=2),), num_decode=2)
+
+    def once(seed):
+        reqs = simulate(spec, _calibration(decode_step_s=0.01), RoundRobin(4096, seed=seed),
+                        items)
+        return [(r.first_token_s, r.done_s, r.path) for r in reqs]
+
+    assert once(1) == once(1)
+    assert once(1) != once(2)  # the power-of-two choices do depend on the seed
+
+
+def test_doubling_prefill_replicas_halves_queueing_of_a_burst():
+    """N equal prompts at once on P replicas (the real policy balances them): the mean wait
+    before prefill is (N/P - 1)/2 prefill times, so 2P replicas wait half as long (+ s/2)."""
+    n, s = 512, 1.0
+    items = [WorkItem(i, 0.0, 10000, 1) for i in range(n)]
+    waits = {}
+    for p in (2, 4):
+        spec = ClusterSpec((PoolSpec("p", num_replicas=p),), num_decode=1,
+                           decode_kv_tokens=n * 10016)  # every reservation fits at once
+        reqs = simulate(spec, _calibration(), LengthAware(_remote_settings()), items)
+        wait = np.mean([r.prefill_start_s - r.arrival_s for r in reqs])
+        assert wait == pytest.approx((n / p - 1) / 2 * s, rel=1e-9)
+        waits[p] = wait
+    assert (waits[4] + s / 2) / (waits[2] + s / 2) == pytest.approx(0.5, rel=1e-9)
