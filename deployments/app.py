@@ -24,13 +24,14 @@ from ray.serve import Application
 from deployments.config import AppConfig, ReplicaSettings
 from deployments.decode_server import DecodeServer
 from deployments.ingress import OpenAIIngress
+from deployments.placement import actor_resources, prefill_placement
 from deployments.prefill_server import PrefillServer
 from deployments.runtime import resolve_source, trianglemix_config
 from disagg.cli import default_cache_dir
 
 
 def _options(settings: ReplicaSettings, config: AppConfig) -> dict:
-    actor = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
+    actor = actor_resources(settings)  # CPUs, GPUs and the custom resources of its node type
     if config.gpu_peer_access and settings.num_gpus > 0:
         # Ray would show the replica only its own GPU; cuda_ipc handles of a pool on another
         # GPU open only where that GPU is visible (runtime.replica_device picks our own).
@@ -54,7 +55,8 @@ def build_app(config: AppConfig) -> Application:
     # or TriangleMix split fails here, not in a replica.
     config = config.model_copy(update={"cache_dir": config.cache_dir or default_cache_dir()})
     trianglemix_config(config, resolve_source(config).model_config())
-    prefill = PrefillServer.options(**_options(config.prefill, config)).bind(config)
+    prefill = PrefillServer.options(**_options(config.prefill, config),
+                                    **prefill_placement(config.prefill)).bind(config)
     decode = DecodeServer.options(**_options(config.decode, config)).bind(config, prefill)
     return OpenAIIngress.options(**_options(config.ingress, config)).bind(config, decode)
 

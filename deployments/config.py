@@ -26,11 +26,25 @@ class TriangleMixSettings(BaseModel):
     n_last: int = Field(128, ge=0, description="trailing rows that attend densely")
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 class ReplicaSettings(BaseModel):
     model_config = _FROZEN
     num_replicas: int = Field(1, ge=1, description="replicas of this deployment")
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (fractional ok)")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 = run on CPU)")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each replica requires (e.g. "
+                                          "{prefill: 1}): only nodes advertising them host it")
+
+    @model_validator(mode="after")
+    def _check_resources(self):
+        for name, amount in self.resources.items():
+            if name in RAY_BUILTIN_RESOURCES or amount <= 0:
+                raise ValueError(f"resources: {name!r}: {amount} is not a custom resource amount "
+                                 "(CPU, GPU, memory are num_cpus/num_gpus; amounts are > 0)")
+        return self
 
 
 KV_TRANSPORTS = ("cuda_ipc", "nccl", "gloo", "object_store")
@@ -43,6 +57,17 @@ class PrefillSettings(ReplicaSettings):
                                                          "exceeds this (GiB)")
     sp: int = Field(1, ge=1, description="sequence-parallel degree: ranks (GPUs, or CPU "
                                          "processes) of one replica's SP group")
+    whole_node: bool = Field(
+        False, description="one placement group per replica: its sp ranks (num_cpus/num_gpus "
+                           "each) STRICT_PACKed on one node whose `resources` it takes, so with "
+                           "nodes advertising them once a group fills a node (cluster/README.md)")
+
+    @model_validator(mode="after")
+    def _check_whole_node(self):
+        if self.whole_node and not self.resources:
+            raise ValueError("prefill.whole_node needs `resources` naming what a prefill node "
+                             "advertises once (e.g. {prefill_node: 1}): it keeps other groups off")
+        return self
 
 
 class DecodeSettings(ReplicaSettings):

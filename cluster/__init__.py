@@ -1,0 +1,1 @@
+"""How the service is placed and launched on Ray clusters (cluster/README.md)."""
