@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setups", nargs="+", choices=sorted(SETUPS), default=["cpu", "1gpu"])
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--duration-s", type=float, default=40.0, help="per loaded run")
+    p.add_argument("--duration-s", type=float, default=35.0, help="per loaded run")
     p.add_argument("--max-requests", type=int, default=80, help="per loaded run")
     p.add_argument("--isolated", type=int, default=5, help="concurrency-1 requests")
     p.add_argument("--port", type=int, default=8000)
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             url = start_app(setup, args.port)
             print(f"[{setup}] app ready in {time.perf_counter() - t0:.1f} s; calibrated mean "
                   f"prefill {s_bar:.3f} s -> rates {rates}", flush=True)
-            loadgen(url, setup, args.out_dir / f"serve_{setup}_warmup.json",
+            loadgen(url, setup, Path(tempfile.gettempdir()) / f"serve_{setup}_warmup.json",
                     ["--num-requests", "2", "--max-concurrency", "1", "--no-requests"],
                     args.commit, device)
             loadgen(url, setup, args.out_dir / f"serve_{setup}_isolated.json",
