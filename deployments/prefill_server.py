@@ -27,6 +27,7 @@ from deployments.kv_transports import build_senders
 from deployments.messages import PrefillStats
 from deployments.metrics import Metrics
 from deployments.runtime import load_replica_model, replica_device, trianglemix_config
+from deployments.sp_group import SPGroupEngine
 from disagg.disaggregated import FirstToken, PrefillEvent
 from disagg.prefill.engine import PrefillConfig, PrefillEngine
 from disagg.prefill.warmup import warm_up_prefill
@@ -56,9 +57,14 @@ class PrefillServer:
             senders=build_senders(config, replica_device(config, settings.num_gpus)),
             config=PrefillConfig(max_leased_bytes=int(settings.max_leased_gib * _GIB)),
         )
-        report = warm_up_prefill(self.engine)
-        logger.info("PrefillServer warm-up: prompts of %s tokens in %.1f s",
-                    report.prompt_lengths, report.seconds)
+        self._sp_group = None
+        if settings.sp > 1:  # this replica is rank 0 of an SP group (deployments/sp_group.py)
+            self.engine = self._sp_group = SPGroupEngine.start(config, self.engine)
+            logger.info("PrefillServer: SP group of %d ranks ready", settings.sp)
+        else:
+            report = warm_up_prefill(self.engine)
+            logger.info("PrefillServer warm-up: prompts of %s tokens in %.1f s",
+                        report.prompt_lengths, report.seconds)
 
     async def prefill(self, request: EngineRequest, offers: bytes,
                       cuda_ipc: CudaIpcExport | None = None) -> AsyncIterator[PrefillEvent]:
@@ -66,6 +72,8 @@ class PrefillServer:
         ipc = self.engine.senders.get(CUDA_IPC)
         if cuda_ipc is not None and ipc is not None:
             ipc.register(cuda_ipc)  # maps only the first time this endpoint is seen
+        if cuda_ipc is not None and self._sp_group is not None:
+            await asyncio.to_thread(self._sp_group.register, cuda_ipc)  # on every rank
         await asyncio.to_thread(self.engine.check_capacity)
         n = request.num_prompt_tokens
         self._queued_tokens += n
@@ -92,12 +100,17 @@ class PrefillServer:
         return PrefillStats(num_leases, leased_bytes, self._num_prefills, self._num_running)
 
     async def check_health(self) -> None:
+        if self._sp_group is not None:  # a dead rank or a failed collective: replace us
+            await asyncio.to_thread(self._sp_group.check_health)
         await self.stats()  # also expires stale leases
 
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is None:  # the constructor failed
             return
+        if self._sp_group is not None:
+            self._sp_group.shutdown()  # its rank actors would die with us; do not wait for it
+            engine = self._sp_group.engine  # rank 0's own senders and leases
         try:
             num_leases, leased_bytes = engine.leased()
         except Exception as e:  # noqa: BLE001 (best effort at exit: the keeper may be gone)
