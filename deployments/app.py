@@ -2,7 +2,7 @@
 
 ```
 client ──HTTP/SSE──► OpenAIIngress      auth, strict validation, tokenize, route, stream
-                         │  prompt < local_prefill_max_tokens ?
+                         │  router: plan by cost model + queues, or 429
                          ▼
                     DecodeServer ×N      local: prefill itself (dense), decode
                          │  long prompt: reserve blocks, offer KV destinations,
@@ -20,12 +20,15 @@ client ──HTTP/SSE──► OpenAIIngress      auth, strict validation, token
 from __future__ import annotations
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
-from deployments.config import AppConfig, ReplicaSettings
+from deployments.admission import DECODE_DEPLOYMENT, prefill_deployment
+from deployments.config import DEFAULT_POOL, AppConfig, ReplicaSettings
 from deployments.decode_server import DecodeServer
 from deployments.ingress import OpenAIIngress
 from deployments.placement import actor_resources, prefill_placement
 from deployments.prefill_server import PrefillServer
+from deployments.router import DECODE, PREFILL, DisaggRequestRouter
 from deployments.runtime import resolve_source, trianglemix_config
 from disagg.cli import default_cache_dir
 
@@ -48,6 +51,36 @@ def _options(settings: ReplicaSettings, config: AppConfig) -> dict:
     }
 
 
+_DEFAULT_TARGET = {PREFILL: 10.0, DECODE: 0.8, "ingress": 32.0}
+
+
+def _routing(config: AppConfig, settings: ReplicaSettings, deployment: str, role: str) -> dict:
+    """Routing and scaling options of a role: our request router (plans, reports, in-flight
+    counts) and, when ``autoscaling`` is set, Serve's autoscaling on the same queue signal."""
+    options = {}
+    if role != "ingress":
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=DisaggRequestRouter,
+            request_router_kwargs={"deployment": deployment, "role": role},
+            request_routing_stats_period_s=config.routing.stats_period_s)
+    scaling = settings.autoscaling
+    if scaling is not None:
+        target = scaling.target or _DEFAULT_TARGET[role]
+        auto = {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+                "initial_replicas": max(scaling.min_replicas,
+                                        min(settings.num_replicas, scaling.max_replicas)),
+                "upscale_delay_s": scaling.upscale_delay_s,
+                "downscale_delay_s": scaling.downscale_delay_s}
+        if role == "ingress":
+            auto["target_ongoing_requests"] = target
+        else:
+            auto["policy"] = {"policy_function": "deployments.router:LoadAutoscalingPolicy",
+                              "policy_kwargs": {"target": target}}
+        options["autoscaling_config"] = auto
+        options["num_replicas"] = None  # Serve's autoscaler owns the count
+    return options
+
+
 def build_app(config: AppConfig) -> Application:
     """The Serve application for ``config`` (the graph above)."""
     # Resolve the cache here (the environment is read at this edge, not in replicas) and
@@ -55,10 +88,21 @@ def build_app(config: AppConfig) -> Application:
     # or TriangleMix split fails here, not in a replica.
     config = config.model_copy(update={"cache_dir": config.cache_dir or default_cache_dir()})
     trianglemix_config(config, resolve_source(config).model_config())
-    prefill = PrefillServer.options(**_options(config.prefill, config),
-                                    **prefill_placement(config.prefill)).bind(config)
-    decode = DecodeServer.options(**_options(config.decode, config)).bind(config, prefill)
-    return OpenAIIngress.options(**_options(config.ingress, config)).bind(config, decode)
+    pools = {}
+    for pool, settings in config.pools.items():  # each pool's replicas see it as `prefill`
+        name = prefill_deployment(pool)
+        pools[pool] = PrefillServer.options(
+            name=name, **{**_options(settings, config), **_routing(config, settings, name,
+                                                                    PREFILL)},
+            **prefill_placement(settings)).bind(config.model_copy(update={"prefill": settings}))
+    decode = DecodeServer.options(
+        **{**_options(config.decode, config),
+           **_routing(config, config.decode, DECODE_DEPLOYMENT, DECODE)},
+    ).bind(config, pools[DEFAULT_POOL] if list(pools) == [DEFAULT_POOL] else pools)
+    return OpenAIIngress.options(
+        **{**_options(config.ingress, config),
+           **_routing(config, config.ingress, "OpenAIIngress", "ingress")},
+    ).bind(config, decode)
 
 
 def app_builder(args: dict) -> Application:

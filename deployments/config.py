@@ -29,11 +29,79 @@ class TriangleMixSettings(BaseModel):
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
+class AutoscalingSettings(BaseModel):
+    """Serve's ``autoscaling_config`` for one role; prefill and decode scale on the queue
+    signal the router plans with (seconds of queued prefill per replica, by the cost model)."""
+
+    model_config = _FROZEN
+    min_replicas: int = Field(1, ge=0, description="fewest replicas")
+    max_replicas: int = Field(1, ge=1, description="most replicas")
+    target: float | None = Field(
+        None, gt=0, description="load per replica to aim for -- prefill: seconds of queued "
+                                "prefill (default 10); decode: share of KV blocks or sequence "
+                                "slots in use (default 0.8); ingress: ongoing requests (32)")
+    upscale_delay_s: float = Field(5.0, ge=0, description="a scale-up must hold this long")
+    downscale_delay_s: float = Field(60.0, ge=0, description="a scale-down must hold this long")
+
+    @model_validator(mode="after")
+    def _check_range(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling: min_replicas exceeds max_replicas")
+        return self
+
+
+class QueueBoundSettings(BaseModel):
+    model_config = _FROZEN
+    max_queued_requests: int = Field(64, ge=1, description="prompts queued per replica (the "
+                                                           "running one included)")
+    max_queued_tokens: int = Field(1 << 20, ge=1, description="their prompt tokens; an empty "
+                                                              "queue takes any prompt")
+
+
+class RoutingConfig(BaseModel):
+    """The router (``disagg/routing.py``): path, pool and replica by the cost model, and
+    admission (429 + Retry-After) before any work is done."""
+
+    model_config = _FROZEN
+    mode: Literal["auto", "local", "remote"] = Field(
+        "auto", description="auto: the cost model and the queues choose; local / remote force "
+                            "the path (benchmarks, tests)")
+    max_queue_wait_s: float = Field(30.0, gt=0, description="refuse (429) a prompt whose "
+                                                            "expected wait before its prefill "
+                                                            "starts exceeds this")
+    max_decode_stall_s: float = Field(
+        1.0, gt=0, description="decode prefills a prompt itself only if that pauses its batch "
+                               "at most this long (cost model)")
+    sp_target_prefill_s: float = Field(
+        2.0, gt=0, description="length buckets of the prefill pools: a prompt goes to the "
+                               "smallest SP degree whose prefill takes at most this")
+    prefill_queue: QueueBoundSettings = QueueBoundSettings()
+    decode_queue: QueueBoundSettings = Field(
+        QueueBoundSettings(max_queued_requests=64, max_queued_tokens=16384),
+        description="bounds of a decode replica's own (local) prefills")
+    request_timeout_s: float = Field(
+        900.0, gt=0, description="an admitted request that has not ended by then gets a 504 "
+                                 "error (longer than an admitted request may take)")
+    stats_period_s: float = Field(1.0, gt=0, description="how often replicas report their "
+                                                         "queues to the routers")
+    cost_model: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="which fitted coefficients (disagg/cost_defaults.py); auto: by "
+                            "the replicas' device")
+
+    @model_validator(mode="after")
+    def _check_timeout(self):
+        if self.request_timeout_s <= self.max_queue_wait_s:
+            raise ValueError("routing.request_timeout_s must exceed max_queue_wait_s")
+        return self
+
+
 class ReplicaSettings(BaseModel):
     model_config = _FROZEN
     num_replicas: int = Field(1, ge=1, description="replicas of this deployment")
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved per replica (fractional ok)")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 = run on CPU)")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Serve autoscaling for this role; None: num_replicas fixed")
     resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each replica requires (e.g. "
                                           "{prefill: 1}): only nodes advertising them host it")
@@ -68,6 +136,16 @@ class PrefillSettings(ReplicaSettings):
             raise ValueError("prefill.whole_node needs `resources` naming what a prefill node "
                              "advertises once (e.g. {prefill_node: 1}): it keeps other groups off")
         return self
+
+
+class PrefillPoolSettings(PrefillSettings):
+    """One prefill pool of several (``prefill_pools``): its replicas, SP degree and all."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_]+$", description="the pool's name (its "
+                                                                   "deployment: PrefillServer_<name>)")
+
+
+DEFAULT_POOL = "default"
 
 
 class DecodeSettings(ReplicaSettings):
@@ -106,8 +184,10 @@ class AppConfig(BaseModel):
     dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on GPU), float32, "
                                            "bfloat16, float16")
     seed: int = Field(0, description="seed of random-weight models")
-    local_prefill_max_tokens: int = Field(
-        512, ge=0, description="prompts shorter than this are prefilled by decode itself")
+    local_prefill_max_tokens: int | None = Field(
+        None, ge=0, description="fixed threshold: prompts shorter than this are prefilled by "
+                                "decode, longer ones remote (tests); None: the router's cost "
+                                "model and queues decide")
     trianglemix: TriangleMixSettings = TriangleMixSettings()
     kv_transports: list[str] | None = Field(
         None, description="KV backends decode offers, in order of preference (cuda_ipc, nccl, "
@@ -120,6 +200,10 @@ class AppConfig(BaseModel):
     prefill: PrefillSettings = PrefillSettings()
     decode: DecodeSettings = DecodeSettings()
     ingress: IngressSettings = IngressSettings()
+    routing: RoutingConfig = RoutingConfig()
+    prefill_pools: list[PrefillPoolSettings] = Field(
+        default_factory=list, description="several prefill pools (e.g. one per SP degree), "
+                                          "chosen by prompt length; empty: one pool, `prefill`")
     health_check_period_s: float = Field(5.0, gt=0, description="Serve health-check period")
     drain_timeout_s: float = Field(
         30.0, gt=0, description="on shutdown, how long a replica may finish its in-flight "
@@ -143,12 +227,28 @@ class AppConfig(BaseModel):
             raise ValueError("kv_transports must name at least one backend")
         return self
 
+    @model_validator(mode="after")
+    def _check_pools(self):
+        names = [p.name for p in self.prefill_pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"prefill_pools: names must be unique, not {names}")
+        if any((p.num_gpus == 0) != (self.decode.num_gpus == 0) for p in self.prefill_pools):
+            raise ValueError("prefill_pools: every pool runs where decode does (GPU or CPU)")
+        return self
+
     @property
     def transports(self) -> tuple[str, ...]:
         """The KV backends decode offers, in order of preference."""
         if self.kv_transports:
             return tuple(self.kv_transports)
         return ("cuda_ipc", "object_store") if self.decode.num_gpus > 0 else ("object_store",)
+
+    @property
+    def pools(self) -> dict[str, PrefillSettings]:
+        """Prefill pools by name (``prefill`` alone is the pool ``default``)."""
+        if not self.prefill_pools:
+            return {DEFAULT_POOL: self.prefill}
+        return {p.name: p for p in self.prefill_pools}
 
     @property
     def model_name(self) -> str:

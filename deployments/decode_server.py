@@ -27,9 +27,10 @@ from collections.abc import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AppConfig
+from deployments.config import DEFAULT_POOL, AppConfig
 from deployments.failures import REPLICA_GONE
 from deployments.kv_transports import build_receivers
+from deployments.load import decode_report
 from deployments.messages import DecodeStats, StreamItem
 from deployments.metrics import Metrics
 from deployments.runtime import load_replica_model, replica_device
@@ -49,11 +50,11 @@ from disagg.errors import DisaggError, KVTransferError
 from disagg.openai.errors import APIError, from_exception
 from disagg.prefill.engine import PrefillBusyError
 from disagg.request import EngineRequest
+from disagg.routing import DISAGGREGATED, LOCAL, ReplicaQueue, RoutePlan  # noqa: F401 (paths)
 from disagg.sampling import SamplingParams
 from disagg.transport.base import KVDestination, encode_offers
 from disagg.transport.direct import CUDA_IPC
 
-LOCAL, DISAGGREGATED = "local", "disaggregated"
 _GIB = 1 << 30
 _HEARTBEAT_STALE_S = 30.0
 logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
@@ -62,14 +63,15 @@ logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log
 class ServePrefillClient:
     """The prefill deployment as a ``PrefillClient``: one streaming call per request."""
 
-    def __init__(self, handle: DeploymentHandle, export=None):
+    def __init__(self, handle: DeploymentHandle, export=None, plan: RoutePlan | None = None):
         self._handle = handle
         self._export = export  # this pool's cuda_ipc handles (mapped once per prefill replica)
+        self._plan = plan  # the ingress's plan: its request router sends the call where it says
 
     async def prefill(self, request: EngineRequest, offers: tuple[KVDestination, ...]
                       ) -> AsyncIterator[PrefillEvent]:
         stream = self._handle.options(stream=True).prefill.remote(
-            request, encode_offers(offers), self._export)
+            request, encode_offers(offers), self._export, self._plan)
         finished = False
         try:
             try:
@@ -110,27 +112,40 @@ class DecodeServer:
             model_name=config.model_name, receivers=receivers)
         engine.warm_up()  # decode kernels compiled, CUDA graphs captured
         ipc = engine.receivers.receivers.get(CUDA_IPC)
-        self._prefill = ServePrefillClient(prefill, ipc.export() if ipc is not None else None)
+        self._pools = prefill if isinstance(prefill, dict) else {DEFAULT_POOL: prefill}
+        self._ipc_export = ipc.export() if ipc is not None else None
+        self._prefill = ServePrefillClient(next(iter(self._pools.values())), self._ipc_export)
+        self._settings = settings
+        # What the routers see of this replica (routing stats), kept on the event loop.
+        self._active: set[str] = set()
+        self._local_queue = ReplicaQueue()
         self._loop = EngineLoop(engine, asyncio.get_running_loop())
         self._loop.start()
         self._engine = DecodeLoopClient(self._loop)
         await self._warm_up()
-        await prefill.stats.remote()  # set up the route to prefill before serving
+        for handle in self._pools.values():
+            await handle.stats.remote()  # set up the route to prefill before serving
 
     async def _warm_up(self) -> None:
         request = EngineRequest("warmup", (1, 2, 3, 4), SamplingParams(temperature=0.0), 2, 0)
         async for _ in self._run_local(request):
             pass
 
-    async def generate(self, request: EngineRequest, path: str) -> AsyncIterator[StreamItem]:
-        """Stream a request's tokens; errors become a final ``StreamItem`` with ``error``."""
+    async def generate(self, request: EngineRequest, path: str, plan: RoutePlan | None = None
+                       ) -> AsyncIterator[StreamItem]:
+        """Stream a request's tokens; errors become a final ``StreamItem`` with ``error``.
+        ``plan``: the ingress's routing plan (prefill pool and replica of a remote prefill)."""
+        rid = request.request_id
+        self._active.add(rid)
         try:
             if path == LOCAL:
+                self._local_queue.add(rid, request.num_prompt_tokens, time.time())
                 async for item in self._run_local(request):
+                    self._local_queue.done(rid, time.time())
                     yield item
                 return
             try:
-                async for item in self._run_disaggregated(request):
+                async for item in self._run_disaggregated(request, plan):
                     yield item
             except PrefillUnavailableError as e:  # raised before anything was yielded
                 logger.warning("prefill unavailable (%s): request %s is prefilled here", e,
@@ -144,6 +159,9 @@ class DecodeServer:
                                             retry_after_s=1))
         except DisaggError as e:
             yield StreamItem(finished=True, finish_reason="error", error=from_exception(e))
+        finally:
+            self._active.discard(rid)
+            self._local_queue.done(rid, time.time())
 
     async def _run_local(self, request: EngineRequest) -> AsyncIterator[StreamItem]:
         try:
@@ -153,9 +171,13 @@ class DecodeServer:
         finally:
             self._engine.abort(request.request_id)
 
-    async def _run_disaggregated(self, request: EngineRequest) -> AsyncIterator[StreamItem]:
+    async def _run_disaggregated(self, request: EngineRequest, plan: RoutePlan | None = None
+                                 ) -> AsyncIterator[StreamItem]:
         timing = HandoffTiming()
-        async for out in serve_disaggregated(request, self._prefill, self._engine, timing,
+        prefill = self._prefill
+        if plan is not None and plan.prefill_pool in self._pools:
+            prefill = ServePrefillClient(self._pools[plan.prefill_pool], self._ipc_export, plan)
+        async for out in serve_disaggregated(request, prefill, self._engine, timing,
                                              self._handoff):
             if out.finished:
                 self._observe(timing)
@@ -182,12 +204,31 @@ class DecodeServer:
         self._metrics.kv_blocks_free.set(stats.num_free_blocks)
         return stats
 
+    async def record_routing_stats(self) -> dict:
+        """Serve's routing-stats hook: KV blocks, requests held, local prefills queued. Read
+        without the engine thread (an int read of the pool), so it never waits behind a step."""
+        engine = self._loop.engine
+        return decode_report(now=time.time(), num_free_blocks=engine.num_free_blocks,
+                             num_total_blocks=engine.num_total_blocks,
+                             block_size=self._settings.block_size,
+                             max_num_seqs=self._settings.max_num_seqs,
+                             active_ids=sorted(self._active), local_queue=self._local_queue)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling hook: the share of KV blocks or sequence slots in use, whichever
+        is fuller (what the router places decode by)."""
+        engine = self._loop.engine
+        used = 1.0 - engine.num_free_blocks / max(1, engine.num_total_blocks)
+        return {"load": max(used, len(self._active) / self._settings.max_num_seqs)}
+
     async def check_health(self) -> None:
+        # The loop's heartbeat, not a call into the engine thread: a long prefill step there
+        # must not fail the health check of a healthy replica.
         if not self._loop.alive:
             raise RuntimeError(f"engine loop is not running: {self._loop.error!r}")
         if time.monotonic() - self._loop.heartbeat > _HEARTBEAT_STALE_S:
             raise RuntimeError("engine loop heartbeat is stale")
-        await self.stats()
+        self._metrics.kv_blocks_free.set(self._loop.engine.num_free_blocks)
 
     def __del__(self):
         # Serve calls this once in-flight requests have ended (or the drain timed out).

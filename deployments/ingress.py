@@ -3,9 +3,13 @@
 Life of a request here:
 1. RECEIVED: auth (401), body size (413), JSON and strict schema (400), model name (404).
 2. Tokenize off the event loop (chat template for chat), validate ids and the length rule.
-3. ROUTED: prompts shorter than ``local_prefill_max_tokens`` go to decode alone ("local");
-   longer ones to decode, which reserves blocks and calls prefill ("disaggregated"). The
-   response carries ``x-disagg-path``.
+3. ADMITTED and ROUTED (``deployments/admission.py``): the routing policy plans the request
+   from the replicas' reports and the ingress's own plans in flight -- "local" (decode
+   prefills it) or "disaggregated" (decode reserves blocks and calls the planned prefill
+   replica), and which replicas -- or refuses it at once: 429 + ``Retry-After`` when its
+   queues are full, 503 when no replica of a role is alive. The response carries
+   ``x-disagg-path``. An admitted request that outlives ``routing.request_timeout_s`` ends
+   with a 504 error.
 4. The first stream item decides the status: an error before any token is a proper HTTP
    error (400/503...); otherwise the response streams (SSE ending ``data: [DONE]``) or is
    returned whole. Stop strings and detokenization run here (``OutputProcessor``), for the
@@ -28,8 +32,8 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.admission import Planner, Ticket, prefill_deployment
 from deployments.config import AppConfig
-from deployments.decode_server import DISAGGREGATED, LOCAL
 from deployments.failures import REPLICA_GONE
 from deployments.messages import StreamItem
 from deployments.metrics import Metrics
@@ -67,11 +71,19 @@ class _Reject(Exception):
         self.error = error
 
 
-async def next_item(stream) -> StreamItem:
+async def next_item(stream, deadline: float | None = None) -> StreamItem:
     """The decode stream's next item; a decode replica that is gone (died, or the app is
-    draining) becomes a 503 error item, before the first token as in mid-stream."""
+    draining) becomes a 503 error item, before the first token as in mid-stream. Past
+    ``deadline`` (``time.monotonic()``) the request is cancelled and ends with a 504 item."""
     try:
-        return await stream.__anext__()
+        if deadline is None:
+            return await stream.__anext__()
+        return await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        stream.cancel()
+        return StreamItem(finished=True, finish_reason="error", error=APIError(
+            504, "the request did not finish within the server's request timeout",
+            "server_error", None, "timeout"))
     except REPLICA_GONE:
         return StreamItem(finished=True, finish_reason="error", error=APIError(
             503, "no decode replica could serve the request; retry", "server_error", None,
@@ -97,9 +109,14 @@ class OpenAIIngress:
         self._max_body_bytes = config.ingress.max_body_bytes or (
             self._context * _TOKEN_ID_BYTES + (1 << 20))
         self._metrics = Metrics()
+        self._planner = Planner(config, loaded.config)
         # Ready only once the route to decode works: a handle's first call sets up its
-        # router (seconds), which the first client request must not pay.
+        # router (seconds), which the first client request must not pay. The prefill pools'
+        # routers here carry their replicas' reports to the planner (nothing is sent to them).
         await self._decode.stats.remote()
+        app_name = serve.get_replica_context().app_name
+        for pool in config.pools:
+            await serve.get_deployment_handle(prefill_deployment(pool), app_name).stats.remote()
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -186,11 +203,22 @@ class OpenAIIngress:
             return error_response(r.error)
         except (DisaggError, ValidationError) as e:
             return error_response(from_exception(e))
-        path = LOCAL if request.num_prompt_tokens < self._config.local_prefill_max_tokens \
-            else DISAGGREGATED
-        stream = self._decode.options(stream=True).generate.remote(request, path)
-        first = await next_item(stream)
+        ticket = self._planner.plan(request)  # admission: before any work is done
+        if isinstance(ticket, APIError):
+            self._metrics.requests.inc(tags={"path": "none", "status": str(ticket.status)})
+            return error_response(ticket)
+        path = ticket.plan.path
+        deadline = time.monotonic() + self._config.routing.request_timeout_s
+        try:
+            stream = self._decode.options(stream=True).generate.remote(request, path,
+                                                                       ticket.plan)
+            first = await next_item(stream, deadline)
+        except BaseException:
+            ticket.end()
+            raise
+        ticket.first_token()
         if first.error is not None:
+            ticket.end()
             stream.cancel()
             self._metrics.requests.inc(tags={"path": path, "status": str(first.error.status)})
             return error_response(first.error)
@@ -198,7 +226,7 @@ class OpenAIIngress:
                                   num_prompt_tokens=request.num_prompt_tokens,
                                   tokenizer=self._tokenizer,
                                   want_logprobs=params.logprobs is not None)
-        items = self._items(first, stream, processor, path, t_start, builder)
+        items = self._items(first, stream, processor, path, t_start, builder, ticket, deadline)
         headers = {PATH_HEADER: path}
         if body.stream:
             return StreamingResponse(self._sse(items, builder, body.include_usage),
@@ -212,7 +240,8 @@ class OpenAIIngress:
         return JSONResponse(whole, headers=headers)
 
     async def _items(self, first: StreamItem, stream, processor: OutputProcessor, path: str,
-                     t_start: float, builder: ResponseBuilder) -> AsyncIterator[tuple]:
+                     t_start: float, builder: ResponseBuilder, ticket: Ticket | None = None,
+                     deadline: float | None = None) -> AsyncIterator[tuple]:
         """(delta, error) pairs of the request; cancels the decode stream on an early exit."""
         item, status, t_first = first, "200", None
         try:
@@ -228,8 +257,10 @@ class OpenAIIngress:
                 yield delta, item.error
                 if processor.finished:
                     return
-                item = await next_item(stream)
+                item = await next_item(stream, deadline)
         finally:
+            if ticket is not None:
+                ticket.end()
             if not item.finished:  # a stop string, a disconnect: abort on the decode side
                 stream.cancel()
             n = len(processor.token_ids)

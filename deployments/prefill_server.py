@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
+from deployments.admission import cost_model_for, triangle_fraction
 from deployments.config import AppConfig
 from deployments.kv_transports import build_senders
+from deployments.load import prefill_report, queue_seconds
 from deployments.messages import PrefillStats
 from deployments.metrics import Metrics
 from deployments.runtime import load_replica_model, replica_device, trianglemix_config
@@ -33,6 +36,7 @@ from disagg.prefill.engine import PrefillConfig, PrefillEngine
 from disagg.prefill.warmup import warm_up_prefill
 from disagg.prefill.worker import run_prefill
 from disagg.request import EngineRequest
+from disagg.routing import ReplicaQueue, RoutePlan
 from disagg.transport.base import decode_offers
 from disagg.transport.direct import CUDA_IPC, CudaIpcExport
 
@@ -51,6 +55,11 @@ class PrefillServer:
         self._queued_tokens = 0
         self._num_running = 0
         self._num_prefills = 0
+        # Its FIFO as the router sees it (routing stats), kept on the event loop: a report
+        # never waits behind the prefill worker.
+        self._queue = ReplicaQueue()
+        self._cost = cost_model_for(config, loaded.config)
+        self._sp, self._triangle_fraction = settings.sp, triangle_fraction(config, loaded.config)
         self.engine = PrefillEngine(
             loaded.model, model_name=config.model_name,
             trianglemix=trianglemix_config(config, loaded.config),
@@ -67,7 +76,9 @@ class PrefillServer:
                         report.prompt_lengths, report.seconds)
 
     async def prefill(self, request: EngineRequest, offers: bytes,
-                      cuda_ipc: CudaIpcExport | None = None) -> AsyncIterator[PrefillEvent]:
+                      cuda_ipc: CudaIpcExport | None = None, plan: RoutePlan | None = None
+                      ) -> AsyncIterator[PrefillEvent]:
+        # ``plan``: the ingress's routing plan; the request router read it to pick this replica.
         destinations = decode_offers(offers)
         ipc = self.engine.senders.get(CUDA_IPC)
         if cuda_ipc is not None and ipc is not None:
@@ -78,11 +89,13 @@ class PrefillServer:
         n = request.num_prompt_tokens
         self._queued_tokens += n
         self._num_running += 1
+        self._queue.add(request.request_id, n, time.time())
         self._metrics.prefill_queue_tokens.set(self._queued_tokens)
         try:
             async for event in run_prefill(self.engine, request, destinations,
                                            executor=self._executor, eos_token_ids=self._eos):
                 if isinstance(event, FirstToken):
+                    self._queue.done(request.request_id, time.time())
                     self._queued_tokens -= n
                     n = 0
                     self._metrics.prefill_queue_tokens.set(self._queued_tokens)
@@ -90,6 +103,7 @@ class PrefillServer:
                 yield event
             self._num_prefills += 1
         finally:
+            self._queue.done(request.request_id, time.time())
             self._queued_tokens -= n
             self._num_running -= 1
             self._metrics.prefill_queue_tokens.set(self._queued_tokens)
@@ -98,6 +112,16 @@ class PrefillServer:
         num_leases, leased_bytes = await asyncio.to_thread(self.engine.leased)
         self._metrics.kv_leases_active.set(num_leases)
         return PrefillStats(num_leases, leased_bytes, self._num_prefills, self._num_running)
+
+    async def record_routing_stats(self) -> dict:
+        """Serve's routing-stats hook: this replica's queue for the routers (on the event
+        loop, where the queue is kept: no lock, no wait behind the prefill worker)."""
+        return prefill_report(self._queue, time.time())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling hook: seconds of queued prefill, the router's signal."""
+        return {"load": queue_seconds(self._queue.items(), time.time(), self._cost,
+                                         sp=self._sp, triangle_fraction=self._triangle_fraction)}
 
     async def check_health(self) -> None:
         if self._sp_group is not None:  # a dead rank or a failed collective: replace us

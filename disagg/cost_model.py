@@ -174,10 +174,12 @@ def fit_prefill(rows: Sequence[tuple[int, int, float, float]]) -> PrefillCost:
 
 
 def fit_decode(rows: Sequence[tuple[int, int, float]]) -> DecodeCost:
-    """From (batch, context tokens per sequence, step seconds) measurements."""
-    x = np.array([[1.0, b, b * c] for b, c, _ in rows])
-    fixed, per_seq, per_ctx = nonnegative_lstsq(x, np.array([s for *_, s in rows]))
-    return DecodeCost(float(fixed), float(per_seq), float(per_ctx))
+    """From (batch, context tokens per sequence, step seconds) measurements. Rows of one
+    context length cannot tell KV reads from per-sequence work: the context term is then 0."""
+    one_context = len({c for _, c, _ in rows}) == 1
+    x = np.array([[1.0, b] + ([] if one_context else [b * c]) for b, c, _ in rows])
+    coef = nonnegative_lstsq(x, np.array([s for *_, s in rows]))
+    return DecodeCost(float(coef[0]), float(coef[1]), 0.0 if one_context else float(coef[2]))
 
 
 def fit_transfer(backend: str, rows: Sequence[tuple[int, float]]) -> TransferCost:

@@ -23,8 +23,8 @@ How ``route`` decides (every estimate from the cost model and the queues):
 2. Options: LOCAL on that replica -- admissible only while its prefill would pause the decode
    batch at most ``max_decode_stall_s`` -- and, for each prefill pool whose length bucket
    holds the prompt (``bucket_bounds``: the smallest SP degree whose prefill meets
-   ``sp_target_prefill_s``; a prompt may spill to any larger pool), the replica of least
-   expected finish (queued work in seconds + this prompt). Each option's expected time to the
+   ``sp_target_prefill_s``; it spills to a larger pool only when its own would not finish it
+   within that target, never to a smaller one), the replica of least expected finish (queued work in seconds + this prompt). Each option's expected time to the
    second token: wait + prefill (+ hop + exposed KV transfer when remote) + one decode step.
 3. Admission: an option is open while its wait before the prefill starts is at most
    ``max_queue_wait_s`` and its queue is within its role's bounds. The cheapest open option
@@ -231,10 +231,21 @@ def _remote_options(request, decode, load, cost, settings) -> list[_Option]:
     in_bucket = [p for p in load.prefill_pools if p.replicas and starts[p.name] <= n]
     if not in_bucket:
         return []
-    # Spill: the prompt's own bucket is the largest start <= n; larger pools take it too.
+    # The prompt's own bucket is the largest start <= n. It spills to a larger pool (never a
+    # smaller one) only when no replica of its own would finish it within the target.
     own = max(starts[p.name] for p in in_bucket)
-    pools = [p for p in in_bucket if starts[p.name] == own] + \
-        [p for p in load.prefill_pools if p.replicas and starts[p.name] > n]
+    options = _pool_options(request, decode, load, cost, settings,
+                            [p for p in in_bucket if starts[p.name] == own])
+    if all(o.open_in_s > 0 or o.plan.expected_wait_s + o.plan.expected_prefill_s >
+           settings.sp_target_prefill_s for o in options):
+        options += _pool_options(request, decode, load, cost, settings,
+                                 [p for p in load.prefill_pools
+                                  if p.replicas and starts[p.name] > n])
+    return options
+
+
+def _pool_options(request, decode, load, cost, settings, pools) -> list[_Option]:
+    n = request.num_prompt_tokens
     held = (decode.num_total_blocks - decode.num_free_blocks) * decode.block_size
     tail = cost.transfer_s(n * settings.kv_bytes_per_token, settings.kv_backend) + \
         cost.decode_step_s(decode.num_running + 1, held + n)
@@ -295,13 +306,14 @@ def route(request: RequestSummary, load: LoadSnapshot, cost: CostModel,
 
 def local_threshold_tokens(decode: DecodeReplicaLoad, load: LoadSnapshot, cost: CostModel,
                            settings: RoutingSettings, max_tokens: int = 1 << 20) -> int:
-    """The shortest prompt ``route`` would send remote under ``load`` (for tests, logs and the
-    simulator); ``max_tokens`` if none up to it is."""
+    """The shortest prompt ``route`` would not prefill on ``decode`` under ``load`` (it goes
+    remote, or is refused), for tests, logs and the simulator; ``max_tokens`` if none up to
+    it."""
     snapshot = replace(load, decode_replicas=(decode,))
 
     def remote(n: int) -> bool:
         plan = route(RequestSummary("probe", n), snapshot, cost, settings)
-        return isinstance(plan, RoutePlan) and plan.path == DISAGGREGATED
+        return not (isinstance(plan, RoutePlan) and plan.path == LOCAL)
 
     lo, hi = 1, max_tokens
     if not remote(hi):
@@ -322,12 +334,24 @@ class InFlightLedger:
 
     def __init__(self):
         self._sent: dict[str, dict[str, QueuedPrefill]] = {}  # replica -> id -> item
+        self._sent_at: dict[str, float] = {}  # id -> when sent (for ``expire``)
         self._finished: dict[str, dict[str, float]] = {}  # replica -> id -> when
 
-    def sent(self, replica_id: str, item: QueuedPrefill) -> None:
+    def sent(self, replica_id: str, item: QueuedPrefill, now: float | None = None) -> None:
         self._sent.setdefault(replica_id, {})[item.request_id] = item
+        if now is not None:
+            self._sent_at[item.request_id] = now
+
+    def expire(self, now: float, max_age_s: float) -> None:
+        """Forget sends older than ``max_age_s`` whose end this router never saw (a caller
+        that vanished): no request outlives its timeout, so none of them still runs."""
+        for book in self._sent.values():
+            for rid in [r for r in book if now - self._sent_at.get(r, now) > max_age_s]:
+                del book[rid]
+                del self._sent_at[rid]
 
     def finished(self, replica_id: str, request_id: str, now: float) -> None:
+        self._sent_at.pop(request_id, None)
         if self._sent.get(replica_id, {}).pop(request_id, None) is not None:
             self._finished.setdefault(replica_id, {})[request_id] = now
 
