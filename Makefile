@@ -9,7 +9,7 @@ TORCH_CONSTRAINTS ?= constraints/cpu.txt
 PROMPT ?= The three primary colors are
 MAX_TOKENS ?= 64
 
-.PHONY: setup model serve generate test lint clean
+.PHONY: setup model serve generate test lint clean cluster-local cluster-local-stop
 
 $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ model: setup
 # (`serve run` cuts them: its shutdown stops the HTTP proxy first).
 serve: model
 	$(PY) -m deployments.launch deployments/prefill_decode.yaml
+
+# The same app on a local three-node Ray cluster (head + prefill and decode workers, own ports):
+# prefill and decode replicas on different Ray nodes, the KV crossing nodes. See cluster/README.md.
+cluster-local: model
+	$(PY) -m cluster.local start
+	$(PY) -m cluster.local deploy
+	$(PY) -m cluster.local status
+
+cluster-local-stop:
+	$(PY) -m cluster.local stop
 
 generate: model
 	$(PY) -m disagg generate --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
