@@ -17,9 +17,9 @@ def cpu_default() -> CostModel:
                                     per_seq_s=0.00482986210026952,
                                     per_context_token_s=0.0),
                   transfers=(TransferCost(backend='object_store',
-                                          fixed_s=0.0066352785862517525,
-                                          s_per_byte=1.597269896654001e-10),),
-                  remote_overhead_s=0.012028370999992433,
+                                          fixed_s=0.024000671666764607,
+                                          s_per_byte=1.214335349751979e-09),),
+                  remote_overhead_s=0.09971925099966938,
                   shape=ModelShape(num_layers=30,
                                    hidden_size=576,
                                    intermediate_size=1536,
@@ -30,7 +30,7 @@ def cpu_default() -> CostModel:
                   sp_efficiency=0.9,
                   sp_per_token_s=0.0,
                   source='CPU fit: benchmarks/results/model_cpu.json, decode_cpu.json, '
-                         'kv_handoff.json (GPU, no CPU measurement yet) (2 cores)')
+                         'routing_cpu.json (2 cores)')
     )
 
 
