@@ -112,3 +112,18 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(x.rjust(w) for x, w in zip(row, widths)))
+
+
+def unshared_state_dict(model) -> tuple[dict[str, Any], int]:
+    """``model``'s state dict for a baseline built from the same weights, and the bytes copied:
+    a tensor that is a view into a larger storage (our packed q/k/v and gate/up matrices) is
+    copied into storage of its own, so the baseline holds plain parameters, as a user's would
+    (measured on the H200: transformers' compiled decode ran 14.2 ms per step on views of our
+    packs against 7.9 ms on plain tensors); every other tensor is shared, not copied."""
+    state, copied = {}, 0
+    for name, t in model.state_dict().items():
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+            copied += t.numel() * t.element_size()
+        state[name] = t
+    return state, copied

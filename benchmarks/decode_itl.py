@@ -33,7 +33,13 @@ import torch
 from disagg_kernels.paged_decode.configs import DecodeTileConfig, pick_config, pick_num_splits
 from disagg_kernels.paged_decode.launcher import paged_decode_attention_triton
 
-from benchmarks.common import RESULTS_DIR, add_provenance_args, print_table, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    add_provenance_args,
+    print_table,
+    unshared_state_dict,
+    write_results,
+)
 from disagg.decode.config import DecodeConfig
 from disagg.decode.engine import DecodeEngine
 from disagg.decode.scheduler import ScheduledSequence, SchedulerOutput
@@ -206,7 +212,8 @@ class EngineBench:
 
 
 def build_transformers(model):
-    """transformers' Llama with SDPA holding ``model``'s own weight tensors (no copy)."""
+    """transformers' Llama with SDPA holding ``model``'s weight tensors (its own copies of the
+    packed ones: ``unshared_state_dict``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = ModelSource(name=MODEL, random_config=MODEL, seed=0)
@@ -214,7 +221,9 @@ def build_transformers(model):
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
                                               dtype=torch.bfloat16)
-    hf.load_state_dict(model.state_dict(), assign=True, strict=True)
+    state, copied = unshared_state_dict(model)
+    hf.load_state_dict(state, assign=True, strict=True)
+    hf.copied_weight_bytes = copied
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to("cuda")  # a meta buffer
     return hf.eval()
 

@@ -9,11 +9,6 @@ Life of a warm-up (``warm_up_prefill``, called once by the server before it repo
    class not seen yet would compile (seconds) inside a user's request. ``triangle_warmup_lengths``
    picks the shortest prompt of every class that served prompts can reach; each of those
    prefills runs the last rows' launch, the band launch and the split merge.
-3. On CUDA, one long prefill (``LONG_WARMUP_TOKENS``, or the context if shorter): the caching
-   allocator grows its segments to a long prompt's activations here, not inside the first
-   long request (measured on the H200 before this step: the first 32K prefill after warm-up
-   46 ms slower than the second). Its length is deliberately not a round one, so per-shape
-   caches (cuDNN plans) are still cold for the lengths a benchmark sends.
 On CPU the engine runs PyTorch references (no JIT): one tiny prefill checks the path.
 """
 
@@ -29,7 +24,6 @@ from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
 
 DENSE_WARMUP_TOKENS = 16
-LONG_WARMUP_TOKENS = 30_000
 
 
 @dataclass(frozen=True)
@@ -47,8 +41,6 @@ def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
     lengths = [min(DENSE_WARMUP_TOKENS, context - 1)]
     if engine.device.type == "cuda" and engine.trianglemix is not None:
         lengths += triangle_warmup_lengths(engine, max_tokens=context - 1)
-    if engine.device.type == "cuda":
-        lengths.append(min(LONG_WARMUP_TOKENS, context - 1))
     vocab = engine.model.config.vocab_size
     for n in lengths:
         ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()

@@ -22,6 +22,9 @@ class DecodeTileConfig:
     block_n: int  # keys per tile, power of two >= 16
     num_warps: int
     num_stages: int
+    # A split takes at least this many tiles: a short sequence then fills fewer splits (the
+    # others exit at once) instead of spreading a few keys over every one of them.
+    min_split_tiles: int = 1
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -34,8 +37,11 @@ class DecodeTileConfig:
 # (138 us, 3.9 TB/s; 3 splits of 64-key tiles 162 us). So a grid that already fills the GPU
 # (batch x Hkv programs >= multiprocessors) is not split and walks wide tiles; a smaller one
 # is split to PROGRAMS_PER_SM programs per multiprocessor and walks 64-key tiles.
+# At batch 1, 64 splits of a 4K sequence are one 64-key tile each: the kernel took 10 us a
+# layer (1.6 TB/s, a torch-profiler trace of the 4K decode step); splits of at least 4 tiles
+# leave 16 splits busy there and change nothing past 16K keys.
 WIDE = DecodeTileConfig(128, 4, 2)
-NARROW = DecodeTileConfig(64, 4, 2)
+NARROW = DecodeTileConfig(64, 4, 2, min_split_tiles=4)
 INTERPRETER = DecodeTileConfig(16, 4, 1)  # small tiles: CPU tests cross tile and split edges
 
 

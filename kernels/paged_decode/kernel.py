@@ -8,7 +8,8 @@ BLOCK_G-1`` masked (``tl.dot`` needs at least 16 rows). Keys of sequence ``b`` a
 * block_size + p % block_size``, read in the kernel tile by tile.
 
 Split-K (flash-decoding): the ``num_splits`` programs of a (sequence, head) take equal,
-``BLOCK_N``-aligned slices of *that sequence's* keys, sized from ``context_lens[b]`` on the
+``BLOCK_N``-aligned slices of *that sequence's* keys (at least ``MIN_SPLIT_TILES`` tiles each,
+so a short sequence leaves the last splits empty), sized from ``context_lens[b]`` on the
 device. The grid depends on the batch size only, never on lengths read on the host, so a launch
 is CUDA-graph capturable and one long sequence still spreads over every multiprocessor. A split
 with no key (short sequence, padded row of length 0) writes ``lse = -inf`` and weight 0.
@@ -33,12 +34,14 @@ def _paged_decode_fwd(
     num_heads_q, block_size, num_splits, qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    MIN_SPLIT_TILES: tl.constexpr,
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(ContextLens + b)
-    per_split = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
+    tiles = tl.maximum(tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N), MIN_SPLIT_TILES)
+    per_split = tiles * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(lo + per_split, length)
 

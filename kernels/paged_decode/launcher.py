@@ -71,7 +71,7 @@ def paged_decode_attention_triton(
         out.stride(0), out.stride(1),
         num_heads_q, block_size, splits, scale * LOG2E,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=cfg.block_n, SPLIT=splits > 1,
+        BLOCK_N=cfg.block_n, SPLIT=splits > 1, MIN_SPLIT_TILES=cfg.min_split_tiles,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

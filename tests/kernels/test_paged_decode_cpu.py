@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from disagg_kernels.paged_decode import paged_decode_reference, slots_of, store_kv_reference
-from disagg_kernels.paged_decode.configs import pick_num_splits
+from disagg_kernels.paged_decode.configs import DecodeTileConfig, pick_num_splits
 from disagg_kernels.paged_decode.launcher import (
     paged_decode_attention_triton,
     store_kv_triton,
@@ -69,6 +69,18 @@ def test_fp32_matches_reference_on_ragged_scattered_batch(hq, hkv, d, num_splits
     ref = paged_decode_reference(q, kc, vc, tables, lens, block_size=BLOCK, scale=0.3)
     torch.testing.assert_close(out, ref, atol=FP32_ATOL, rtol=0)
     assert torch.equal(out[3], torch.zeros_like(out[3]))  # no key: zeros, not nan
+
+
+@pytest.mark.parametrize("min_split_tiles", [2, 3])
+def test_splits_of_a_minimum_size_leave_the_last_ones_empty(min_split_tiles):
+    # 16-key tiles, 8 splits, at least 2-3 tiles a split: a 47-key row fills 1-2 splits, a
+    # 200-key row 5-7; the empty splits must fold in as weight 0.
+    lengths = [47, 200, 1, 0, 129]
+    q, kc, vc, tables, lens = _paged(lengths, 8, 2, 32, torch.float32, seed=5, num_blocks=128)
+    config = DecodeTileConfig(16, 4, 1, min_split_tiles=min_split_tiles)
+    out = _run(q, kc, vc, tables, lens, num_splits=8, config=config, scale=0.3)
+    ref = paged_decode_reference(q, kc, vc, tables, lens, block_size=BLOCK, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=FP32_ATOL, rtol=0)
 
 
 def test_fp16_within_relative_rms_of_fp32_reference():
