@@ -24,6 +24,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from datetime import timedelta
 
 import ray
@@ -58,6 +59,7 @@ from disagg.transport.direct import CUDA_IPC, CudaIpcExport
 COLLECTIVE_TIMEOUT_S = 120.0  # one collective's deadline (a layer of a 1M-token prompt < 10 s)
 RPC_TIMEOUT_S = 60.0  # a control call to a rank (join, finish, abort, ping)
 WARMUP_TOKENS = 64
+RANK_NAMESPACE = "disagg_sp"  # rank actors are named sp-rank-<replica id>-<rank> there
 
 
 class SPGroupError(DisaggError):
@@ -177,8 +179,10 @@ class SPGroupEngine:
         world = config.prefill.sp
         pg = ray.util.get_current_placement_group()
         ranks = []
+        replica = _replica_name()
         for rank in range(1, world):
-            options = {"num_cpus": config.prefill.num_cpus, "num_gpus": config.prefill.num_gpus}
+            options = {"num_cpus": config.prefill.num_cpus, "num_gpus": config.prefill.num_gpus,
+                       "name": f"sp-rank-{replica}-{rank}", "namespace": RANK_NAMESPACE}
             if pg is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank)
@@ -289,6 +293,15 @@ class SPGroupEngine:
         if self.broken is not None:
             raise SPGroupError(f"the SP group is broken ({self.broken}); the replica is being "
                                "replaced")
+
+
+def _replica_name() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 (outside Serve: a group of its own)
+        return uuid.uuid4().hex[:8]
 
 
 def _free_port() -> int:

@@ -1,6 +1,7 @@
 """An app whose prefill is a sequence-parallel group of two CPU ranks (gloo), served for real:
 a streamed chat request on the disaggregated path gives the same greedy text as the ``sp: 1``
-app of this test session, and once the app is deleted no rank actor is left."""
+app of this test session; a rank that dies gets its replica replaced by a whole new group
+(``slow``); once the app is deleted no rank actor is left."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ray import serve
 
 from deployments.app import build_app
 from deployments.config import AppConfig
+from deployments.sp_group import RANK_NAMESPACE
 
 MODEL = "smollm2-135m-instruct"
 LONG = "Write two sentences about the sea, the wind, and a small boat sailing home at dusk."
@@ -49,14 +51,41 @@ def sp_app(serve_app):
                        ingress={"num_cpus": 0.1})
     serve.run(build_app(config), name=APP, route_prefix=ROUTE)
     yield serve_app + ROUTE
-    serve.delete(APP)
+    if APP in serve.status().applications:
+        serve.delete(APP)
 
-def test_sp2_streams_the_same_greedy_text_as_sp1_and_leaves_no_rank_behind(serve_app, sp_app):
+def test_sp2_streams_the_same_greedy_text_as_sp1(serve_app, sp_app):
     assert len(alive_rank_actors()) == 1  # sp - 1: the replica itself is rank 0
     sp1_path, sp1_text = stream_chat(serve_app)
     sp2_path, sp2_text = stream_chat(sp_app)
     assert sp1_path == sp2_path == "disaggregated"
     assert sp2_text == sp1_text and sp1_text
+
+
+@pytest.mark.slow
+def test_a_dead_rank_gets_its_replica_replaced_with_a_whole_new_group(serve_app, sp_app):
+    (dead,) = alive_rank_actors()
+    ray.kill(ray.get_actor(dead["Name"], namespace=RANK_NAMESPACE))
+    deadline = time.monotonic() + 120  # health check fails, Serve starts a new replica + rank
+    while True:
+        ranks = alive_rank_actors()
+        if ranks and all(a["ActorID"] != dead["ActorID"] for a in ranks):
+            break
+        assert time.monotonic() < deadline, "no new SP group after a rank died"
+        time.sleep(0.5)
+    assert len(ranks) == 1
+    _, sp1_text = stream_chat(serve_app)
+    path = text = None
+    while time.monotonic() < deadline:  # the new replica may still be starting
+        path, text = stream_chat(sp_app)
+        if path == "disaggregated":
+            break
+        time.sleep(1.0)
+    assert (path, text) == ("disaggregated", sp1_text)
+
+
+def test_no_rank_actor_outlives_its_app(sp_app):
+    assert alive_rank_actors()
     serve.delete(APP)
     deadline = time.monotonic() + 60  # liveness, not speed
     while alive_rank_actors():
