@@ -153,10 +153,10 @@ class DecodeServer:
                 self._metrics.prefill_fallbacks.inc()
                 async for item in self._run_local(request):
                     yield item
-        except PrefillBusyError as e:
+        except PrefillBusyError as e:  # un-pulled KV over its budget: overload, not an outage
             yield StreamItem(finished=True, finish_reason="error",
-                             error=APIError(503, str(e), "server_error", None, "overloaded",
-                                            retry_after_s=1))
+                             error=APIError(429, str(e), "rate_limit_error", None,
+                                            "kv_leases_full", retry_after_s=1))
         except DisaggError as e:
             yield StreamItem(finished=True, finish_reason="error", error=from_exception(e))
         finally:

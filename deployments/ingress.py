@@ -50,8 +50,10 @@ PATH_HEADER = "x-disagg-path"
 _TOKEN_ID_BYTES = 8  # generous bytes per token id in a JSON list ("123456, ")
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+def error_response(error: APIError, path: str | None = None) -> JSONResponse:
+    """``path``: the request's planned path (``none`` if the router refused it), if any."""
+    headers = error.headers() if path is None else {**error.headers(), PATH_HEADER: path}
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -206,7 +208,7 @@ class OpenAIIngress:
         ticket = self._planner.plan(request)  # admission: before any work is done
         if isinstance(ticket, APIError):
             self._metrics.requests.inc(tags={"path": "none", "status": str(ticket.status)})
-            return error_response(ticket)
+            return error_response(ticket, "none")
         path = ticket.plan.path
         deadline = time.monotonic() + self._config.routing.request_timeout_s
         try:
@@ -221,7 +223,7 @@ class OpenAIIngress:
             ticket.end()
             stream.cancel()
             self._metrics.requests.inc(tags={"path": path, "status": str(first.error.status)})
-            return error_response(first.error)
+            return error_response(first.error, path)
         builder = ResponseBuilder(chat=chat, model=self._config.model_name,
                                   num_prompt_tokens=request.num_prompt_tokens,
                                   tokenizer=self._tokenizer,

@@ -1,0 +1,80 @@
+"""The app's routing and autoscaling options per role are ones Serve accepts, and the
+autoscaling policy scales on the replicas' load as it says. No Ray cluster is started."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.admission import prefill_deployment
+from deployments.app import _options, _routing
+from deployments.config import DEFAULT_POOL, AppConfig
+from deployments.decode_server import DecodeServer
+from deployments.ingress import OpenAIIngress
+from deployments.prefill_server import PrefillServer
+from deployments.router import DECODE, PREFILL, DisaggRequestRouter, LoadAutoscalingPolicy
+
+ARGS = {"model": "random:tiny-llama",
+        "prefill": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}},
+        "decode": {"num_replicas": 2, "autoscaling": {"max_replicas": 3, "target": 0.5}},
+        "ingress": {"autoscaling": {"max_replicas": 2}}}
+
+
+def test_each_role_gets_our_router_and_serve_autoscaling_on_its_signal():
+    config = AppConfig.model_validate(ARGS)
+    for cls, settings, name, role in [
+            (PrefillServer, config.prefill, "PrefillServer", PREFILL),
+            (DecodeServer, config.decode, "DecodeServer", DECODE),
+            (OpenAIIngress, config.ingress, "OpenAIIngress", "ingress")]:
+        options = {**_options(settings, config), **_routing(config, settings, name, role)}
+        cls.options(**options)  # Serve validates them here
+        auto = options["autoscaling_config"]
+        assert options["num_replicas"] is None
+        assert (auto["min_replicas"], auto["max_replicas"]) == (
+            settings.autoscaling.min_replicas, settings.autoscaling.max_replicas)
+        if role == "ingress":
+            assert "request_router_config" not in options and auto["target_ongoing_requests"]
+            continue
+        router = options["request_router_config"]
+        assert router.request_router_kwargs == {"deployment": name, "role": role}
+        assert router.request_router_class.endswith(DisaggRequestRouter.__name__)
+        assert auto["policy"]["policy_kwargs"]["target"] == (10.0 if role == PREFILL else 0.5)
+    assert _routing(config, config.decode, "DecodeServer", DECODE)["autoscaling_config"][
+        "initial_replicas"] == 2
+
+
+def test_without_autoscaling_the_replica_count_stays_fixed():
+    config = AppConfig.model_validate({"model": "random:tiny-llama"})
+    options = _routing(config, config.prefill, "PrefillServer", PREFILL)
+    assert "autoscaling_config" not in options and "num_replicas" not in options
+
+
+@dataclass
+class FakeContext:
+    """Test fake of Serve's AutoscalingContext: the fields the policy reads."""
+
+    aggregated_metrics: dict | None
+    target_num_replicas: int = 2
+
+
+def test_load_policy_asks_for_total_load_over_target():
+    policy = LoadAutoscalingPolicy(target=10.0)
+    assert policy(FakeContext({"load": {"r1": 25.0, "r2": 5.0}}))[0] == pytest.approx(3.0)
+    assert policy(FakeContext({"load": {"r1": 0.0}}))[0] == 0.0  # Serve applies min_replicas
+    assert policy(FakeContext(None, target_num_replicas=2))[0] == 2  # no report yet: hold
+
+
+def test_prefill_pools_each_with_its_sp_and_deployment():
+    config = AppConfig.model_validate({"model": "random:tiny-llama", "prefill_pools": [
+        {"name": "short", "num_replicas": 2}, {"name": "long", "sp": 2}]})
+    assert {n: p.sp for n, p in config.pools.items()} == {"short": 1, "long": 2}
+    assert [prefill_deployment(n) for n in config.pools] == [
+        "PrefillServer_short", "PrefillServer_long"]
+    assert list(AppConfig().pools) == [DEFAULT_POOL]
+    assert prefill_deployment(DEFAULT_POOL) == "PrefillServer"
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"prefill_pools": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"routing": {"max_queue_wait_s": 60, "request_timeout_s": 30}})
