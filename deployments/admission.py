@@ -9,6 +9,8 @@ before any work is done.
    replica of a role is alive. Nothing was queued, reserved or prefilled for it.
 3. An admitted request is counted on its queues (``Ticket``) until its first token (prefill)
    and its end (decode blocks); the ticket ends exactly once on every exit path.
+4. Its measured prefill (``disagg_timing.prefill_s``) calibrates the fitted cost model's
+   prefill to the machine as it runs now (``PrefillCalibration``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from deployments.config import DEFAULT_POOL, AppConfig
 from deployments.load import LoadBook
 from disagg import cost_defaults
-from disagg.cost_model import CostModel, ModelShape
+from disagg.cost_model import CostModel, ModelShape, PrefillCalibration
 from disagg.models.config import ModelConfig
 from disagg.openai.errors import APIError
 from disagg.request import EngineRequest
@@ -98,19 +100,39 @@ class Ticket:
 
 class Planner:
     def __init__(self, config: AppConfig, model_config: ModelConfig):
-        self.cost = cost_model_for(config, model_config)
+        self.fitted = cost_model_for(config, model_config)
+        self.calibration = PrefillCalibration()
         self.settings = routing_settings(config, model_config)
         fraction = triangle_fraction(config, model_config)
-        self.book = LoadBook({name: (prefill_deployment(name), settings.sp, fraction)
-                              for name, settings in config.pools.items()}, DECODE_DEPLOYMENT,
+        self._pools = {name: (prefill_deployment(name), settings.sp, fraction)
+                       for name, settings in config.pools.items()}
+        self.book = LoadBook(self._pools, DECODE_DEPLOYMENT,
                              max_age_s=config.routing.request_timeout_s)
+
+    @property
+    def cost(self) -> CostModel:
+        """The fitted model, its prefill scaled by what served prefills measured."""
+        return self.calibration.apply(self.fitted)
+
+    def observe(self, ticket: Ticket, num_prompt_tokens: int, timing: dict | None) -> None:
+        """A disaggregated request's measured prefill (``disagg_timing.prefill_s``) against
+        the fitted prediction for its pool."""
+        plan = ticket.plan
+        measured = (timing or {}).get("prefill_s")
+        if plan.prefill_pool not in self._pools or not measured:
+            return
+        _, sp, fraction = self._pools[plan.prefill_pool]
+        self.calibration.observe(
+            self.fitted.prefill_s(num_prompt_tokens, triangle_fraction=fraction, sp=sp),
+            measured)
 
     def plan(self, request: EngineRequest) -> Ticket | APIError:
         """The request's plan (counted on its queues from now on), or the error to answer."""
         summary = RequestSummary(request.request_id, request.num_prompt_tokens,
                                  request.max_tokens)
         now = time.time()
-        outcome = route(summary, self.book.snapshot(now), self.cost, self.settings)
+        cost = self.cost
+        outcome = route(summary, self.book.snapshot(now), cost, self.settings)
         if isinstance(outcome, Rejection):
             logger.debug("refused %s (%d tokens): %s; load %s", request.request_id,
                            request.num_prompt_tokens, outcome, self.book.snapshot(now))

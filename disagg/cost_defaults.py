@@ -36,13 +36,13 @@ def cpu_default() -> CostModel:
 
 def gpu_default() -> CostModel:
     return (
-        CostModel(prefill=PrefillCost(fixed_s=0.031235376561225124,
-                                      per_token_s=2.053841425700078e-05,
-                                      per_token2_s=4.884621456499681e-10,
-                                      triangle_per_token_s=2.779890009379442e-06),
-                  decode=DecodeCost(fixed_s=0.005561808641349092,
-                                    per_seq_s=6.673023602715356e-06,
-                                    per_context_token_s=2.9827021528705885e-08),
+        CostModel(prefill=PrefillCost(fixed_s=8.596396243460261e-10,
+                                      per_token_s=2.2534902544286552e-05,
+                                      per_token2_s=4.750969834338587e-10,
+                                      triangle_per_token_s=1.2217016164914752e-06),
+                  decode=DecodeCost(fixed_s=0.005022407472831312,
+                                    per_seq_s=1.5933557693792553e-05,
+                                    per_context_token_s=2.848488851997833e-08),
                   transfers=(TransferCost(backend='cuda_ipc',
                                           fixed_s=0.001513760500003514,
                                           s_per_byte=0.0),

@@ -187,3 +187,27 @@ def fit_transfer(backend: str, rows: Sequence[tuple[int, float]]) -> TransferCos
     x = np.array([[1.0, float(b)] for b, _ in rows])
     fixed, per_byte = nonnegative_lstsq(x, np.array([s for _, s in rows]))
     return TransferCost(backend, float(fixed), float(per_byte))
+
+
+@dataclass
+class PrefillCalibration:
+    """Measured / predicted prefill seconds, smoothed in log space: scales the fitted prefill
+    to the machine as it runs now (CPUs shared with other work, another GPU than the fit's).
+    Fed with each disaggregated request's measured prefill (its ``disagg_timing``)."""
+
+    weight: float = 0.2  # of the newest observation
+    lo: float = 0.25
+    hi: float = 4.0
+    factor: float = 1.0
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        if predicted_s <= 0 or measured_s <= 0:
+            return
+        ratio = min(self.hi, max(self.lo, measured_s / predicted_s))
+        self.factor = float(np.exp((1 - self.weight) * np.log(self.factor)
+                                   + self.weight * np.log(ratio)))
+
+    def apply(self, cost: CostModel) -> CostModel:
+        p, f = cost.prefill, self.factor
+        return replace(cost, prefill=PrefillCost(p.fixed_s * f, p.per_token_s * f,
+                                                 p.per_token2_s * f, p.triangle_per_token_s * f))

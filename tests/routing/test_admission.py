@@ -75,3 +75,20 @@ def test_cpu_yaml_burst_refuses_the_excess_at_once_and_keeps_serving_short_promp
         assert not isinstance(planner.plan(request(100, LONG)), APIError)
     for ticket in admitted + short:
         ticket.end()
+
+
+def test_measured_prefill_slower_than_fitted_admits_fewer():
+    args = yaml.safe_load(YAML.read_text())["applications"][0]["args"]
+    config = AppConfig.model_validate(args)
+    planner = Planner(config, ModelConfig.from_hf_dict(RANDOM_CONFIGS["smollm2-135m"]))
+    fitted = planner.fitted.prefill_s(LONG)
+    with FakeReports():
+        first = planner.plan(request(0, LONG))
+        for _ in range(40):  # served prefills took twice the fitted time
+            planner.observe(first, LONG, {"prefill_s": 2 * fitted})
+        first.end()
+        outcomes = [planner.plan(request(i, LONG)) for i in range(1, 30)]
+    admitted = [o for o in outcomes if not isinstance(o, APIError)]
+    assert len(admitted) == int(config.routing.max_queue_wait_s // (2 * fitted)) + 1
+    for ticket in admitted:
+        ticket.end()

@@ -84,3 +84,20 @@ def test_scaling_to_another_model_and_thread_count():
     tiny = ModelShape(4, 64, 160, 4, 2, 16)
     assert base.for_model(tiny).prefill_s(1000) < base.prefill_s(1000) / 50
     assert base.for_model(tiny).shape == tiny
+
+
+def test_calibration_follows_measured_prefill_within_bounds():
+    from disagg.cost_model import PrefillCalibration
+
+    base = cost_defaults.cpu_default()
+    cal = PrefillCalibration()
+    assert close(cal.apply(base), base)
+    for _ in range(60):
+        cal.observe(predicted_s=1.0, measured_s=2.0)
+    assert cal.factor == pytest.approx(2.0, rel=1e-3)
+    assert cal.apply(base).prefill_s(1000) == pytest.approx(2 * base.prefill_s(1000), rel=1e-3)
+    for _ in range(60):
+        cal.observe(predicted_s=1.0, measured_s=100.0)  # an outlier cannot run away
+    assert cal.factor == pytest.approx(cal.hi, rel=1e-3)
+    cal.observe(predicted_s=0.0, measured_s=1.0)  # nothing to learn from
+    assert cal.factor == pytest.approx(cal.hi, rel=1e-3)
