@@ -46,6 +46,10 @@ class ClusterSpec:
     block_size: int = 16
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048  # decode's per-step token budget (local prefill chunks)
+    # Prefill and decode replicas on one GPU (prefill_decode_1gpu.yaml): the GPU runs one
+    # process's kernels at a time, so a decode step that overlaps a prefill delays it by the
+    # step's time (decode_itl.json's GPU time is ~93% of its ITL: the whole step is counted).
+    shared_gpu: bool = False
 
     @property
     def num_gpus(self) -> int:
@@ -95,10 +99,12 @@ class PrefillSim:
         self.running: SimRequest | None = None
         self.routed: dict[int, SimRequest] = {}  # routed here, waiting for decode's blocks
         self.busy_s = 0.0
+        self._finish_at = 0.0
+        self._generation = 0  # invalidates a finish event that a delay moved
 
     def seconds(self, num_tokens: int) -> float:
-        return self.cluster.cost.prefill_s(num_tokens, sp=self.pool.sp,
-                                           triangle_fraction=self.pool.triangle_fraction)
+        return self.cluster.calibration.prefill_s(num_tokens, sp=self.pool.sp,
+                                                  triangle_fraction=self.pool.triangle_fraction)
 
     def submit(self, req: SimRequest) -> None:
         self.routed.pop(req.index, None)
@@ -112,9 +118,23 @@ class PrefillSim:
         req.prefill_start_s = self.cluster.loop.now
         duration = self.seconds(req.prompt_tokens)
         self.busy_s += duration
-        self.cluster.loop.after(duration, self._finish, req)
+        self._finish_at = self.cluster.loop.now + duration
+        self._schedule_finish()
 
-    def _finish(self, req: SimRequest) -> None:
+    def _schedule_finish(self) -> None:
+        self._generation += 1
+        self.cluster.loop.at(self._finish_at, self._finish, self.running, self._generation)
+
+    def delay(self, seconds: float) -> None:
+        """A decode step on the same GPU overlapped the running prefill."""
+        if self.running is not None and seconds > 0:
+            self._finish_at += seconds
+            self.busy_s += seconds
+            self._schedule_finish()
+
+    def _finish(self, req: SimRequest, generation: int) -> None:
+        if generation != self._generation:
+            return
         self.running = None
         c = self.cluster
         c.token(req)  # token 0 is sampled by prefill and streamed at once
@@ -212,6 +232,9 @@ class DecodeSim:
             self.stepping = False
             return
         self.stepping = True
+        if spec.shared_gpu:
+            for prefill in self.cluster.prefill.values():
+                prefill.delay(seconds)
         self.cluster.loop.after(seconds, self._end_step, batch, chunks)
 
     def _end_step(self, batch: list[SimRequest], chunks: list[tuple[SimRequest, int]]) -> None:

@@ -3,7 +3,8 @@ under load): a ``disagg.cost_model.CostModel`` (the router's own cost language) 
 serving layer's fixed overhead per request.
 
 - H200, random Llama-3.1-8B bf16 (``h200_llama8b``): prefill from ``ttft.json`` (dense and
-  TriangleMix rows, engine alone), decode step from ``decode_itl.json`` (batch x context),
+  TriangleMix rows, engine alone) and the engine rows of ``kv_handoff.json`` (TriangleMix),
+  fitted jointly; decode step from ``decode_itl.json`` (batch x context),
   exposed KV transfer from ``kv_handoff.json`` (cuda_ipc on one GPU), the serving layer's
   overhead from ``kv_handoff.json`` (served TTFT - engine TTFT, single isolated requests).
   NVLink and network links are priced from the measured NCCL send/recv rate (DESIGN.md §5,
@@ -11,14 +12,18 @@ serving layer's fixed overhead per request.
   compute by ``sp * 0.9`` and adds an all-gather of the dense layers' K/V over NVLink (an
   assumption until the SP issue measures it).
 - CPU (``from_calibration``): ``sim_calibration_<setup>.json`` written by
-  ``benchmarks.simulator.calibrate`` on the machine that runs the app, and the overhead from
-  isolated requests (concurrency 1) against that app.
+  ``benchmarks.simulator.calibrate`` on the machine that runs the app.
+- ``with_served_corrections``: where isolated requests (concurrency 1, no queueing) against
+  the app were recorded, the serving layer's share is fitted from them: the served prefill's
+  excess over the engine benchmark (the replica's own ``disagg_timing.prefill_s`` minus the
+  engine fit: KV writes, threads, the GPU shared with decode) and the time outside prefill
+  (TTFT - ``prefill_s``). Runs under load are never used.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ from benchmarks.common import RESULTS_DIR
 from disagg.cost_model import (
     CostModel,
     ModelShape,
+    PrefillCost,
     TransferCost,
     fit_decode,
     fit_prefill,
@@ -62,10 +68,26 @@ class Overhead:
 @dataclass(frozen=True)
 class Calibration:
     cost: CostModel
-    overhead: Overhead
+    overhead: Overhead  # before routing (outside prefill)
     kv_bytes_per_token: int
     triangle_fraction: float
     sources: tuple[str, ...]
+    prefill_excess: Overhead = Overhead(0.0, 0.0)  # served prefill over the engine's
+
+    def prefill_s(self, num_tokens: int, *, sp: int = 1, triangle_fraction: float = 0.0
+                  ) -> float:
+        """A prefill group's service time (engine cost + the served path's excess)."""
+        return (self.cost.prefill_s(num_tokens, sp=sp, triangle_fraction=triangle_fraction)
+                + self.prefill_excess.seconds(num_tokens))
+
+
+def fit_prefill_joint(rows: list[tuple[int, float, float]]) -> PrefillCost:
+    """(tokens, triangle_fraction, seconds) rows of dense and TriangleMix prefills, fitted
+    together: ``fixed + n * lin + (1 - f) * n^2 * quad + f * n * tri`` (non-negative)."""
+    x = np.array([[1.0, n, (1 - f) * n * n, f * n] for n, f, _ in rows], dtype=float)
+    scale = np.abs(x).max(axis=0)
+    coef = nonnegative_lstsq(x / scale, np.array([t for *_, t in rows])) / scale
+    return PrefillCost(*(float(c) for c in coef))
 
 
 def _shape(name: str) -> ModelShape:
@@ -82,12 +104,14 @@ def _rows(path: Path) -> list[dict]:
 def h200_llama8b(results: Path = RESULTS_DIR) -> Calibration:
     shape = _shape("llama-3.1-8b")
     ttft = _rows(results / "ttft.json")
-    prefill = fit_prefill([(1, r["prompt_tokens"],
-                            LLAMA8B_TRIANGLE_FRACTION if r["mode"] == "trianglemix" else 0.0,
-                            r["ours_s"]) for r in ttft])
+    handoff = [r for r in _rows(results / "kv_handoff.json") if r["backend"] == "cuda_ipc"]
+    prefill = fit_prefill_joint(
+        [(r["prompt_tokens"], LLAMA8B_TRIANGLE_FRACTION if r["mode"] == "trianglemix" else 0.0,
+          r["ours_s"]) for r in ttft]
+        + [(r["context_tokens"], LLAMA8B_TRIANGLE_FRACTION, r["engine_ttft_s"])
+           for r in handoff])
     decode = fit_decode([(r["batch"], r["context_tokens"], r["itl_ms"] / 1e3)
                          for r in _rows(results / "decode_itl.json")])
-    handoff = [r for r in _rows(results / "kv_handoff.json") if r["backend"] == "cuda_ipc"]
     same_gpu = fit_transfer("cuda_ipc", [(r["kv_bytes"], r["transfer_ms"] / 1e3)
                                          for r in handoff])
     kv = shape.kv_bytes_per_token
@@ -120,3 +144,16 @@ def from_calibration(path: Path, overhead_rows: list[tuple[int, float]],
                      source=str(Path(path).name))
     return Calibration(cost, Overhead.fit(overhead_rows), shape.kv_bytes_per_token * 2,  # fp32
                        0.0, (str(Path(path).name),))
+
+
+def with_served_corrections(cal: Calibration, isolated: list[dict], source: str
+                            ) -> Calibration:
+    """``cal`` with the serving layer's share fitted from isolated requests (load-generator
+    records carrying ``timing.prefill_s``)."""
+    rows = [(r["server_prompt_tokens"] or r["prompt_tokens"], r) for r in isolated
+            if r["success"] and r.get("timing")]
+    excess = Overhead.fit([(n, r["timing"]["prefill_s"] - cal.cost.prefill_s(
+        n, triangle_fraction=cal.triangle_fraction)) for n, r in rows])
+    outside = Overhead.fit([(n, r["ttft_s"] - r["timing"]["prefill_s"]) for n, r in rows])
+    return replace(cal, overhead=outside, prefill_excess=excess,
+                   sources=(*cal.sources, source))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,14 +31,21 @@ _GIB = 1 << 30
 MEAN_TOLERANCE, P90_TOLERANCE = 0.15, 0.25
 
 
-def _app_args(yaml_path: str) -> dict:
-    return yaml.safe_load(Path(yaml_path).read_text())["applications"][0]["args"]
+def _app_args(yaml_path: str, commit: str) -> dict:
+    """The YAML's ``args`` at the commit the measured run came from (the file moves on)."""
+    try:
+        text = subprocess.run(["git", "show", f"{commit}:{yaml_path}"], capture_output=True,
+                              text=True, check=True, cwd=RESULTS_DIR).stdout
+    except (OSError, subprocess.CalledProcessError):
+        text = Path(yaml_path).read_text()
+    return yaml.safe_load(text)["applications"][0]["args"]
 
 
-def cluster_for(setup: str, calibration: costs.Calibration) -> tuple[ClusterSpec, int]:
+def cluster_for(setup: str, calibration: costs.Calibration, commit: str
+                ) -> tuple[ClusterSpec, int]:
     """The app of ``setup`` as a simulated cluster, and its local-prefill threshold."""
     args = _app_args("deployments/prefill_decode.yaml" if setup == "cpu"
-                     else "deployments/prefill_decode_1gpu.yaml")
+                     else "deployments/prefill_decode_1gpu.yaml", commit)
     kv_tokens = int(args["decode"]["kv_cache_gib"] * _GIB) // calibration.kv_bytes_per_token
     spec = ClusterSpec((PoolSpec("prefill", 1, 1, calibration.triangle_fraction),),
                        num_decode=1, link="object_store" if setup == "cpu" else "cuda_ipc",
@@ -46,27 +54,44 @@ def cluster_for(setup: str, calibration: costs.Calibration) -> tuple[ClusterSpec
 
 
 def _requests(path: Path) -> list[dict]:
+    """Every per-request record of a load-generator results file."""
     return [r for row in json.loads(path.read_text())["rows"] for r in row["requests"]]
 
 
-def calibration_for(setup: str, results: Path) -> costs.Calibration:
+def calibration_for(setup: str, results: Path, corrected: bool = True) -> costs.Calibration:
+    """Component costs (+, with ``corrected``, the serving layer's share from the isolated
+    requests of ``serve_<setup>_isolated.json``)."""
     if setup == "1gpu":
-        return costs.h200_llama8b(RESULTS_DIR)
-    cal = costs.from_calibration(results / "sim_calibration_cpu.json", [(0, 0.0), (1, 0.0)])
-    # The serving overhead: isolated requests' TTFT less the calibrated prefill of that length.
-    isolated = [r for r in _requests(results / "serve_cpu_isolated.json") if r["success"]]
-    rows = [(n, r["ttft_s"] - cal.cost.prefill_s(n))
-            for r in isolated for n in [r["server_prompt_tokens"] or r["prompt_tokens"]]]
-    return replace(cal, overhead=costs.Overhead.fit(rows))
+        cal = costs.h200_llama8b(RESULTS_DIR)
+    else:
+        cal = costs.from_calibration(results / "sim_calibration_cpu.json", [(0, 0.0), (1, 0.0)])
+    if not corrected:
+        return cal
+    isolated = results / f"serve_{setup}_isolated.json"
+    return costs.with_served_corrections(cal, _requests(isolated), isolated.name)
 
 
-def replay(setup: str, row: dict, calibration: costs.Calibration) -> dict:
-    spec, threshold = cluster_for(setup, calibration)
-    reqs = [r for r in row["requests"] if r["success"]]
+def _simulate(setup: str, reqs: list[dict], calibration: costs.Calibration, commit: str,
+              shared_gpu: bool = False) -> tuple[Cluster, list[SimRequest]]:
+    spec, threshold = cluster_for(setup, calibration, commit)
+    spec = replace(spec, shared_gpu=shared_gpu)
     sims = [SimRequest(i, r["scheduled_s"], r["server_prompt_tokens"] or r["prompt_tokens"],
                        r["output_tokens"]) for i, r in enumerate(reqs)]
     cluster = Cluster(spec, calibration, RoundRobin(threshold))
     cluster.run(sims)
+    return cluster, sims
+
+
+def replay(setup: str, row: dict, calibration: costs.Calibration,
+           components_only: costs.Calibration, commit: str) -> dict:
+    reqs = [r for r in row["requests"] if r["success"]]
+    cluster, sims = _simulate(setup, reqs, calibration, commit)
+    _, bare = _simulate(setup, reqs, components_only, commit)
+    bare_ttft = np.array([s.ttft_s for s in bare])
+    serialized = None
+    if setup == "1gpu":  # the other bound: every overlapping decode step delays the prefill
+        _, shared = _simulate(setup, reqs, calibration, commit, shared_gpu=True)
+        serialized = float(np.mean([s.ttft_s for s in shared]))
     measured = np.array([r["ttft_s"] for r in reqs])
     simulated = np.array([s.ttft_s for s in sims])
     span = max(r["start_s"] + r["e2e_s"] for r in reqs) - min(r["start_s"] for r in reqs)
@@ -86,6 +111,10 @@ def replay(setup: str, row: dict, calibration: costs.Calibration) -> dict:
         "simulated_mean_queue_s": float(np.mean([s.prefill_start_s - s.routed_s
                                                  for s in sims])),
         "measured_paths": row.get("paths"),
+        # The same replay with the component benchmarks alone (no isolated-request share):
+        "components_only_mean_ttft_s": float(bare_ttft.mean()),
+        "components_only_p90_ttft_s": float(np.percentile(bare_ttft, 90)),
+        "serialized_gpu_mean_ttft_s": serialized,
     }
     out["mean_error_pct"] = 100 * (out["simulated_mean_ttft_s"] / out["measured_mean_ttft_s"] - 1)
     out["p90_error_pct"] = 100 * (out["simulated_p90_ttft_s"] / out["measured_p90_ttft_s"] - 1)
@@ -99,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--setups", nargs="+", default=["cpu", "1gpu"])
+    p.add_argument("--plot-dir", type=Path, default=None)
     add_provenance_args(p)
     args = p.parse_args(argv)
     rows, calibrations = [], {}
@@ -108,11 +138,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{setup}: no {measured.name} (not measured)")
             continue
         cal = calibration_for(setup, args.results_dir)
+        bare = calibration_for(setup, args.results_dir, corrected=False)
         calibrations[setup] = {"sources": list(cal.sources), "overhead": vars(cal.overhead),
+                               "prefill_excess": vars(cal.prefill_excess),
                                "prefill": vars(cal.cost.prefill),
                                "decode": vars(cal.cost.decode)}
-        for row in json.loads(measured.read_text())["rows"]:
-            rows.append(replay(setup, row, cal))
+        payload = json.loads(measured.read_text())
+        for row in payload["rows"]:
+            rows.append(replay(setup, row, cal, bare, payload["commit"]))
     path = write_results("simulator_validation", rows, commit=args.commit, dirty=args.dirty,
                          out=args.out, extra={"calibrations": calibrations,
                                               "tolerance": {"mean": MEAN_TOLERANCE,
@@ -120,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, ["setup", "arrival_rate", "measured_mean_ttft_s", "simulated_mean_ttft_s",
                        "measured_p90_ttft_s", "simulated_p90_ttft_s",
                        "measured_prefill_utilisation", "within_tolerance"])
+    if args.plot_dir is not None and rows:
+        from benchmarks.simulator.plots import plot_validation
+
+        print(f"plot: {plot_validation(rows, args.plot_dir)}")
     print(f"wrote {path}")
 
 
