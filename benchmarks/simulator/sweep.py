@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
 
-from benchmarks.common import add_provenance_args, print_table, write_results
+from benchmarks.common import RESULTS_DIR, add_provenance_args, print_table, write_results
 from benchmarks.loadgen.workload import parse_lengths, synthetic
 from benchmarks.simulator import costs
 from benchmarks.simulator.cluster import ClusterSpec, PoolSpec
@@ -44,12 +45,23 @@ def h200_cluster(num_prefill: int, num_decode: int, sp: int = 1, link: str = "nv
                        decode_kv_tokens=H200_KV_TOKENS, max_num_seqs=64)
 
 
+def h200_calibration() -> costs.Calibration:
+    """Component costs plus the served path's share measured at concurrency 1 on the H200
+    (``serve_1gpu_isolated.json``: +41 ms per prefill, ~30 ms outside it)."""
+    isolated = RESULTS_DIR / "serve_1gpu_isolated.json"
+    cal = h200_calibration()
+    if not isolated.exists():
+        return cal
+    records = [r for row in json.loads(isolated.read_text())["rows"] for r in row["requests"]]
+    return costs.with_served_corrections(cal, records, isolated.name)
+
+
 def routing_settings(calibration: costs.Calibration) -> RoutingSettings:
     return RoutingSettings(kv_bytes_per_token=calibration.kv_bytes_per_token, kv_backend="nvlink")
 
 
 def routing_study(args) -> list[dict]:
-    cal = costs.h200_llama8b()
+    cal = h200_calibration()
     items = synthetic(args.num_requests, parse_lengths(ROUTING_TRACE), parse_lengths(OUTPUTS),
                       rate=args.rate, seed=args.seed)
     spec = h200_cluster(4, 4)
@@ -87,7 +99,7 @@ def configs(num_gpus: int) -> list[tuple[int, int, int]]:
 
 
 def cluster_study(args) -> tuple[list[dict], dict]:
-    cal = costs.h200_llama8b()
+    cal = h200_calibration()
     prompt, output = parse_lengths(LONG_CONTEXT), parse_lengths(OUTPUTS)
     rows = []
     for g in args.sizes:
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.study == "routing":
         rows = routing_study(args)
         path = write_results("routing", rows, commit=args.commit, dirty=args.dirty,
-                             out=args.out, extra={"calibration": list(costs.h200_llama8b().sources)})
+                             out=args.out, extra={"calibration": list(h200_calibration().sources)})
         print_table(rows, ["policy", "ttft_p50_s", "ttft_p99_s", "throughput_rps", "rejected",
                            "short_ttft_p99_s", "long_ttft_p99_s", "local_fraction"])
         if args.plot_dir is not None:
