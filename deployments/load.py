@@ -153,7 +153,9 @@ def _reports(deployment: str) -> list[tuple[str, dict]]:
     (a test's own server class, say) has no board entry: one replica of unknown load stands
     for it, and Serve's router picks the real one."""
     reports = BOARD.reports(deployment)
-    return [(UNKNOWN_REPLICA, {})] if reports is None else sorted(reports.items())
+    if reports is None:  # no report will ever come: only the ingress's own plans count
+        return [(UNKNOWN_REPLICA, {"at": math.inf})]
+    return sorted(reports.items())
 
 
 def queue_seconds(queue: Sequence[QueuedPrefill], now: float, cost: CostModel, *,

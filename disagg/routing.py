@@ -349,6 +349,9 @@ class InFlightLedger:
             for rid in [r for r in book if now - self._sent_at.get(r, now) > max_age_s]:
                 del book[rid]
                 del self._sent_at[rid]
+        for finished in self._finished.values():  # of replicas that stopped reporting
+            for rid in [r for r, t in finished.items() if now - t > max_age_s]:
+                del finished[rid]
 
     def finished(self, replica_id: str, request_id: str, now: float) -> None:
         self._sent_at.pop(request_id, None)

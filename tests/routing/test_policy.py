@@ -157,8 +157,12 @@ def test_ledger_hides_what_it_saw_finish_until_a_newer_report():
     assert ledger.view("p", stale, 4.0) == ()  # the report predates the finish
     assert ledger.view("p", (), 6.0) == ()
     ledger.sent("p", QueuedPrefill("y", 1), 10.0)
+    ledger.finished("q", "never-sent", 10.0)  # nothing to forget
+    ledger.sent("q", QueuedPrefill("z", 1), 10.0)
+    ledger.finished("q", "z", 11.0)  # replica q never reports again
     ledger.expire(now=100.0, max_age_s=30.0)  # its caller vanished: forgotten
     assert ledger.num_in_flight("p") == 0
+    assert ledger.view("q", (QueuedPrefill("z", 1),), 0.0) == (QueuedPrefill("z", 1),)
 
 
 def test_replica_queue_head_starts_when_the_one_before_finishes():
