@@ -49,7 +49,7 @@ def h200_calibration() -> costs.Calibration:
     """Component costs plus the served path's share measured at concurrency 1 on the H200
     (``serve_1gpu_isolated.json``: +41 ms per prefill, ~30 ms outside it)."""
     isolated = RESULTS_DIR / "serve_1gpu_isolated.json"
-    cal = h200_calibration()
+    cal = costs.h200_llama8b()
     if not isolated.exists():
         return cal
     records = [r for row in json.loads(isolated.read_text())["rows"] for r in row["requests"]]
