@@ -13,6 +13,7 @@ from a constant.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 
@@ -149,3 +150,25 @@ def test_prefill_stats_and_health_answer_during_a_prefill(routing_app):
         assert any(s.num_running for s in during)  # answered while the prefill still ran
         assert sum(len(r["queue"]) for r in reports) == 1
         assert future.result().status_code == 200
+
+
+class FakeStalledStream:
+    """Test fake of a decode stream that never yields: records its cancellation."""
+
+    def __init__(self):
+        self.cancelled = False
+
+    async def __anext__(self):
+        await asyncio.sleep(3600)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_a_request_past_its_timeout_ends_with_504_and_is_cancelled():
+    from deployments.ingress import next_item
+
+    stream = FakeStalledStream()
+    item = asyncio.run(next_item(stream, deadline=time.monotonic() + 0.05))
+    assert item.finished and item.error.status == 504 and item.error.code == "timeout"
+    assert stream.cancelled
