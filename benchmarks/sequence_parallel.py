@@ -16,8 +16,10 @@ counted by the collectives and checked against ``exchanged_bytes`` (the formula 
 Projected TTFT = slowest rank's work + every exchanged byte at ``--link-gbps`` (369 GB/s:
 NCCL send/recv measured between two H200s), none assumed hidden under compute (the dense
 all-gather is in fact overlapped with the diagonal blocks, so this is pessimistic).
-Parallel efficiency = SP=1 / (SP x projected). 1M tokens: per SP degree, the rank work fitted
-as ``a N + b N^2`` through the 32K and 128K points, plus the 1M bytes.
+Parallel efficiency = SP=1 / (SP x projected). 1M tokens: SP=1's work fitted as
+``a N + b N^2`` through the 32K and 128K points, divided by SP times the overhead each SP degree
+showed at 128K, plus the 1M bytes (``million_rows``; the KV of 1M tokens is 128 GiB, so SP=1
+is a reference line, not a configuration that fits one GPU).
 
 Measured (``--measured``; ``source: measured``): ``--sp`` ranks as processes, NCCL on one GPU
 each (gloo on CPU with ``--device cpu``), the process group made once, one warm-up prefill per
@@ -182,7 +184,9 @@ def projected_rows(args) -> list[dict]:
 
 
 def million_rows(args, rows, engines, config) -> list[dict]:
-    """Per (mode, SP): rank work ``a N + b N^2`` through the two longest lengths, + 1M bytes."""
+    """1M tokens, per (mode, SP degree): SP=1's work ``a N + b N^2`` through its two longest
+    measured lengths; SP=W's rank work = that / W x the overhead measured at the longest
+    length (W x slowest rank / SP=1 there), plus the 1M bytes at the link rate."""
     if len(args.lengths) < 2:
         return []
     n1, n2 = sorted(args.lengths)[-2:]
@@ -190,14 +194,14 @@ def million_rows(args, rows, engines, config) -> list[dict]:
     for mode, engine in engines.items():
         params = engine.trianglemix.params if engine.trianglemix else None
         num_tri = _num_triangle_layers(engine, ONE_MILLION)
+        slowest = {(r["context_tokens"], r["sp"]): r["slowest_rank_s"] for r in rows
+                   if r["mode"] == mode}
+        b = (slowest[n2, 1] / n2 - slowest[n1, 1] / n1) / (n2 - n1)
+        a = slowest[n1, 1] / n1 - b * n1
+        sp1 = a * ONE_MILLION + b * ONE_MILLION**2
         for world in [1, *args.sp]:
-            t = {r["context_tokens"]: r["slowest_rank_s"] for r in rows
-                 if r["mode"] == mode and r["sp"] == world}
-            b = (t[n2] / n2 - t[n1] / n1) / (n2 - n1)
-            a = t[n1] / n1 - b * n1
-            if a < 0 or b < 0:  # noisy points (CPU): scale the longest one linearly instead
-                a, b = t[n2] / n2, 0.0
-            work = a * ONE_MILLION + b * ONE_MILLION**2
+            overhead = world * slowest[n2, world] / slowest[n2, 1]
+            work = sp1 / world * overhead
             dense, tri = exchanged_bytes(ONE_MILLION, world, engine.layout, config.num_heads,
                                          params if num_tri else None)
             comm_s = ((config.num_layers - num_tri) * dense + num_tri * tri) / (args.link_gbps * 1e9)
@@ -205,12 +209,10 @@ def million_rows(args, rows, engines, config) -> list[dict]:
                         "source": "projected", "ttft_s": work + comm_s, "slowest_rank_s": work,
                         "comm_s": comm_s, "exchanged_bytes_dense_layer": dense,
                         "exchanged_bytes_triangle_layer": tri, "peak_gib_per_gpu": None,
-                        "fit": f"a*N + b*N^2 through {n1} and {n2} tokens"})
-        sp1 = next(r["ttft_s"] for r in out if r["mode"] == mode and r["sp"] == 1)
-        for r in out:
-            if r["mode"] == mode:
-                r["speedup_vs_sp1"] = sp1 / r["ttft_s"]
-                r["parallel_efficiency"] = sp1 / (r["sp"] * r["ttft_s"])
+                        "speedup_vs_sp1": sp1 / (work + comm_s),
+                        "parallel_efficiency": sp1 / (world * (work + comm_s)),
+                        "fit": f"SP=1: a*N + b*N^2 through {n1} and {n2} tokens; SP={world}: "
+                               f"/ {world} x {overhead:.3f} (its overhead at {n2})"})
     return out
 
 
