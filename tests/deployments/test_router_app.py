@@ -172,3 +172,49 @@ def test_a_request_past_its_timeout_ends_with_504_and_is_cancelled():
     item = asyncio.run(next_item(stream, deadline=time.monotonic() + 0.05))
     assert item.finished and item.error.status == 504 and item.error.code == "timeout"
     assert stream.cancelled
+
+
+@pytest.mark.slow
+def test_prefill_autoscales_on_its_queue_signal(serve_app):
+    """Serve's autoscaler, fed by the prefill replicas' ``load`` (queued prefill seconds),
+    adds a replica while long prompts queue. Liveness deadline only."""
+    import handoff_fakes
+
+    from deployments.app import _options, _routing
+    from deployments.config import DEFAULT_POOL, AppConfig
+    from deployments.decode_server import DecodeServer
+    from deployments.ingress import OpenAIIngress
+    from deployments.router import DECODE, PREFILL
+
+    ray.cloudpickle.register_pickle_by_value(handoff_fakes)
+    config = AppConfig.model_validate({
+        "model": MODEL, "health_check_period_s": 1.0, "local_prefill_max_tokens": 64,
+        "prefill": {"num_cpus": 0.1, "autoscaling": {
+            "min_replicas": 1, "max_replicas": 2, "target": 1e-4, "upscale_delay_s": 0}},
+        "decode": {"num_cpus": 0.2, "kv_cache_gib": 0.02}, "ingress": {"num_cpus": 0.1}})
+    prefill = serve.deployment(handoff_fakes.SlowPrefillServer).options(
+        name="PrefillServer", **{**_options(config.prefill, config),
+                                 **_routing(config, config.prefill, "PrefillServer", PREFILL)},
+    ).bind(config, 2.0, 0.0)
+    decode = DecodeServer.options(**{**_options(config.decode, config),
+                                     **_routing(config, config.decode, "DecodeServer", DECODE)},
+                                  ).bind(config, {DEFAULT_POOL: prefill})
+    serve.run(OpenAIIngress.options(**_options(config.ingress, config)).bind(config, decode),
+              name="autoscale", route_prefix="/autoscale")
+    try:
+        def num_prefill_replicas() -> int:
+            app = serve.status().applications["autoscale"]
+            return sum(app.deployments["PrefillServer"].replica_states.values())
+
+        assert num_prefill_replicas() == 1
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(complete, serve_app + "/autoscale", LONG, i)
+                       for i in range(6)]
+            end = time.monotonic() + 180
+            while num_prefill_replicas() < 2:
+                assert time.monotonic() < end, serve.status().applications["autoscale"]
+                time.sleep(1.0)
+            assert all(f.result().status_code in (200, 429) for f in futures)
+    finally:
+        serve.delete("autoscale")
+        ray.cloudpickle.unregister_pickle_by_value(handoff_fakes)
