@@ -228,19 +228,17 @@ def _local_option(request, decode, now, cost, settings, forced: bool) -> _Option
 def _remote_options(request, decode, load, cost, settings) -> list[_Option]:
     n = request.num_prompt_tokens
     starts = bucket_bounds(load.prefill_pools, cost, settings)
-    in_bucket = [p for p in load.prefill_pools if p.replicas and starts[p.name] <= n]
-    if not in_bucket:
-        return []
-    # The prompt's own bucket is the largest start <= n. It spills to a larger pool (never a
-    # smaller one) only when no replica of its own would finish it within the target.
-    own = max(starts[p.name] for p in in_bucket)
+    alive = [p for p in load.prefill_pools if p.replicas]
+    # The prompt's own bucket is the largest start <= n among live pools. It spills to a
+    # larger pool (never a smaller one) only when no replica of its own would finish it
+    # within the target (or its own pool has no live replica).
+    own = max((starts[p.name] for p in alive if starts[p.name] <= n), default=None)
     options = _pool_options(request, decode, load, cost, settings,
-                            [p for p in in_bucket if starts[p.name] == own])
+                            [p for p in alive if starts[p.name] == own])
     if all(o.open_in_s > 0 or o.plan.expected_wait_s + o.plan.expected_prefill_s >
            settings.sp_target_prefill_s for o in options):
         options += _pool_options(request, decode, load, cost, settings,
-                                 [p for p in load.prefill_pools
-                                  if p.replicas and starts[p.name] > n])
+                                 [p for p in alive if starts[p.name] > n])
     return options
 
 

@@ -113,6 +113,9 @@ def test_a_busy_small_pool_spills_to_a_larger_one_not_the_reverse():
     pools = [pool([QueuedPrefill("x", 20_000)], name="sp1", sp=1), pool((), name="sp4", sp=4)]
     n = bucket_bounds(pools, COST, SETTINGS)["sp4"] - 100  # sp1's bucket
     assert plan_of(n, snapshot(pools)).prefill_pool == "sp4"
+    # Its own pool has no live replica: the larger one takes it.
+    pools = [PrefillPoolLoad("sp1", (), 1), pool((), name="sp4", sp=4)]
+    assert plan_of(n, snapshot(pools)).prefill_pool == "sp4"
     # A long prompt waits for its own (busy) pool rather than hog the small one.
     pools = [pool((), name="sp1", sp=1), pool([QueuedPrefill("y", 20_000)], name="sp4", sp=4)]
     long = bucket_bounds(pools, COST, SETTINGS)["sp4"] + 100
