@@ -72,3 +72,23 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     fig.clf()
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.loadgen.plots serve_<setup>.json... --plot-dir DIR``: plots of
+    results written elsewhere (a machine without matplotlib)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results", type=Path, nargs="+")
+    p.add_argument("--plot-dir", type=Path, required=True)
+    args = p.parse_args(argv)
+    for path in args.results:
+        payload = json.loads(path.read_text())
+        for plot in plot_runs(payload["rows"], args.plot_dir, path.stem):
+            print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -50,6 +50,7 @@ class ClusterSpec:
     # process's kernels at a time, so a decode step that overlaps a prefill delays it by the
     # step's time (decode_itl.json's GPU time is ~93% of its ITL: the whole step is counted).
     shared_gpu: bool = False
+    step_runs: bool = True  # simulate unchanged batches' steps as one run (same result, faster)
 
     @property
     def num_gpus(self) -> int:
@@ -161,7 +162,13 @@ class PrefillSim:
 
 class DecodeSim:
     """One decode replica: calls run between steps; each step decodes every running
-    sequence and prefills local prompts within the token budget."""
+    sequence and prefills local prompts within the token budget.
+
+    Steps of an unchanged batch (no local prompt, no call) are simulated as one run of ``k``
+    steps (``k`` = the fewest tokens any sequence still needs): step ``j`` takes
+    ``A + B * j`` (the context grows by one token per sequence per step). A call arriving
+    mid-run cuts the run at the next step boundary, where the real engine loop would run it.
+    """
 
     def __init__(self, cluster: Cluster, replica_id: str):
         self.cluster, self.replica_id = cluster, replica_id
@@ -175,6 +182,8 @@ class DecodeSim:
         self.num_held = 0  # requests holding blocks (reserved, prefilling, decoding)
         self.stepping = False
         self.local_started: dict[int, float] = {}
+        self._run: tuple | None = None  # (start, A, B, k, batch) of a run of plain steps
+        self._generation = 0
 
     def _blocks(self, req: SimRequest) -> int:
         spec = self.cluster.spec
@@ -184,6 +193,26 @@ class DecodeSim:
         self.calls.append((fn, args))
         if not self.stepping:
             self._boundary()
+        elif self._run is not None:
+            self._cut_run()
+
+    @staticmethod
+    def _run_end(a: float, b: float, j: int) -> float:
+        return j * a + b * j * (j - 1) / 2
+
+    def _cut_run(self) -> None:
+        start, a, b, k, batch = self._run
+        elapsed = self.cluster.loop.now - start
+        j = max(1, int(elapsed / a) if a > 0 else 1)
+        while j < k and self._run_end(a, b, j) < elapsed:
+            j += 1
+        while j > 1 and self._run_end(a, b, j - 1) >= elapsed:
+            j -= 1
+        if j < k:
+            self._run = (start, a, b, j, batch)
+            self._generation += 1
+            self.cluster.loop.at(start + self._run_end(a, b, j), self._end_run,
+                                 self._generation)
 
     def reserve(self, req: SimRequest, then) -> None:
         """Runs as a call: take the blocks (FIFO), then ``then(req)``."""
@@ -232,6 +261,14 @@ class DecodeSim:
             self.stepping = False
             return
         self.stepping = True
+        if batch and not chunks and spec.step_runs and not spec.shared_gpu:
+            k = min(r.output_tokens - r.num_tokens for r in batch)
+            b = len(batch) * cost.decode.per_context_token_s
+            self._run = (now, seconds, b, k, batch)
+            self._generation += 1
+            self.cluster.loop.at(now + self._run_end(seconds, b, k), self._end_run,
+                                 self._generation)
+            return
         if spec.shared_gpu:
             for prefill in self.cluster.prefill.values():
                 prefill.delay(seconds)
@@ -249,6 +286,16 @@ class DecodeSim:
                 c.token(req)
                 if req.done_s is None:
                     self.running.append(req)
+        self.running = [r for r in self.running if r.done_s is None]
+        self._boundary()
+
+    def _end_run(self, generation: int) -> None:
+        if generation != self._generation:
+            return
+        start, a, _, k, batch = self._run
+        self._run = None
+        for req in batch:
+            self.cluster.tokens(req, k, second_token_s=start + a)
         self.running = [r for r in self.running if r.done_s is None]
         self._boundary()
 
@@ -295,12 +342,17 @@ class Cluster:
             decode.call(decode.reserve, req, prefill.submit)
 
     def token(self, req: SimRequest) -> None:
+        self.tokens(req, 1, self.loop.now)
+
+    def tokens(self, req: SimRequest, num: int, second_token_s: float) -> None:
+        """``num`` tokens of ``req`` end now (the first of them at ``second_token_s`` if it
+        is the request's second token)."""
         now = self.loop.now
-        req.num_tokens += 1
-        if req.num_tokens == 1:
+        if req.num_tokens == 0:
             req.first_token_s = now
-        elif req.num_tokens == 2:
-            req.second_token_s = now
+        if req.num_tokens <= 1 < req.num_tokens + num:
+            req.second_token_s = second_token_s if req.num_tokens == 1 else now
+        req.num_tokens += num
         if req.num_tokens >= req.output_tokens:
             req.done_s = now
             # Blocks are freed by a call on the decode engine (between its steps).

@@ -4,6 +4,7 @@ for a seed, and doubling the prefill replicas halving the queueing of a burst.""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -80,6 +81,25 @@ def test_deterministic_for_a_seed():
 
     assert once(1) == once(1)
     assert once(1) != once(2)  # the power-of-two choices do depend on the seed
+
+
+def test_runs_of_decode_steps_equal_step_by_step():
+    """A batch's unchanged steps simulated as one run (cut where a call arrives) give the
+    same token times as simulating every step."""
+    items = synthetic(200, parse_lengths("mix:0.7*uniform:100:3000,0.3*uniform:8000:30000"),
+                      parse_lengths("uniform:1:40"), rate=2.0, seed=4)
+    cal = _calibration(decode_step_s=0.01)
+    cal = replace(cal, cost=replace(cal.cost, decode=DecodeCost(0.01, 0.002, 1e-7)))
+
+    def times(step_runs: bool):
+        spec = ClusterSpec((PoolSpec("p", num_replicas=2),), num_decode=2, step_runs=step_runs)
+        reqs = simulate(spec, cal, RoundRobin(2048, seed=0), items)
+        return [(r.first_token_s, r.second_token_s, r.done_s) for r in reqs]
+
+    fast, slow = times(True), times(False)
+    assert all(x is not None for t in slow for x in t[:1])
+    assert np.allclose(np.array(fast, dtype=float), np.array(slow, dtype=float), rtol=0,
+                       atol=1e-9, equal_nan=True)
 
 
 def test_doubling_prefill_replicas_halves_queueing_of_a_burst():
