@@ -90,13 +90,15 @@ class SPPrefillAttention:
                 self.sink.write_layer(layer_idx, k, v)
             except Exception as e:  # noqa: BLE001 (reported to every rank at the next check)
                 self._status, self._error = FAILED, f"rank {self.rank}: {e!r}"
-        before = self.comm.received_bytes
-        if self.kind(layer_idx) is AttentionKind.TRIANGLE:
+        before, kind = self.comm.received_bytes, self.kind(layer_idx)
+        if kind is AttentionKind.TRIANGLE:
             out = self._triangle(q, k, v)
             self.layer_bytes.triangle = self.comm.received_bytes - before
-        else:
+        elif kind is AttentionKind.DENSE:
             out = self._dense(q, k, v)
             self.layer_bytes.dense = self.comm.received_bytes - before
+        else:  # every rank raises here, at the same layer: no peer is left in a collective
+            raise ValueError(f"sequence-parallel prefill does not run {kind.value} layers")
         return out
 
     def check_status(self, where: str) -> None:
