@@ -104,21 +104,27 @@ def cluster_study(args) -> tuple[list[dict], dict]:
     rows = []
     for g in args.sizes:
         for num_prefill, sp, num_decode in configs(g):
-            for per_gpu in args.rates_per_gpu:
+            for per_gpu in sorted(args.rates_per_gpu):
                 rate = per_gpu * g
-                n = max(args.min_requests, math.ceil(rate * args.horizon_s))
+                n = min(args.max_requests,
+                        max(args.min_requests, math.ceil(rate * args.horizon_s)))
                 items = synthetic(n, prompt, output, rate=rate, seed=args.seed)
                 t0 = time.perf_counter()
                 s = summary(simulate(h200_cluster(num_prefill, num_decode, sp), cal,
                                      LengthAware(routing_settings(cal)), items))
-                rows.append({"num_gpus": g, "num_prefill_groups": num_prefill, "sp": sp,
-                             "num_decode": num_decode, "arrival_rate": rate,
-                             "num_requests": n, "completed": s["completed"],
-                             "rejected": s["rejected"], "ttft_p50_s": s["ttft_p50_s"],
-                             "ttft_p90_s": s["ttft_p90_s"], "ttft_p99_s": s["ttft_p99_s"],
-                             "tpot_p90_s": s["tpot_p90_s"],
-                             "throughput_rps": s.get("throughput_rps"),
-                             "sim_wall_s": time.perf_counter() - t0})
+                row = {"num_gpus": g, "num_prefill_groups": num_prefill, "sp": sp,
+                       "num_decode": num_decode, "arrival_rate": rate, "num_requests": n,
+                       "completed": s["completed"], "rejected": s["rejected"],
+                       "ttft_p50_s": s["ttft_p50_s"], "ttft_p90_s": s["ttft_p90_s"],
+                       "ttft_p99_s": s["ttft_p99_s"], "tpot_p90_s": s["tpot_p90_s"],
+                       "throughput_rps": s.get("throughput_rps"),
+                       "sim_wall_s": time.perf_counter() - t0}
+                rows.append(row)
+                print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in row.items()), flush=True)
+                if row["rejected"] or (row["ttft_p99_s"] or 0) > max(x["ttft_p99_s"]
+                                                                       for x in SLOS):
+                    break  # past every SLO already: higher rates only get worse
     projection = {f"sp{sp}": cal.cost.prefill_s(1 << 20, sp=sp,
                                                 triangle_fraction=cal.triangle_fraction)
                   for sp in (1, 2, 4, 8, 16)}
@@ -150,9 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=4.0, help="routing: req/s")
     p.add_argument("--num-requests", type=int, default=1500, help="routing")
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
-    p.add_argument("--rates-per-gpu", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    p.add_argument("--rates-per-gpu", type=float, nargs="+", default=[0.15, 0.3, 0.45])
     p.add_argument("--horizon-s", type=float, default=60.0, help="cluster: arrivals span")
-    p.add_argument("--min-requests", type=int, default=300)
+    p.add_argument("--min-requests", type=int, default=400)
+    p.add_argument("--max-requests", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot-dir", type=Path, default=None)
     add_provenance_args(p)
