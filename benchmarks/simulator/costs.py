@@ -8,9 +8,11 @@ serving layer's fixed overhead per request.
   exposed KV transfer from ``kv_handoff.json`` (cuda_ipc on one GPU), the serving layer's
   overhead from ``kv_handoff.json`` (served TTFT - engine TTFT, single isolated requests).
   NVLink and network links are priced from the measured NCCL send/recv rate (DESIGN.md §5,
-  369 GB/s) and an assumed 400 Gb/s (50 GB/s) network; sequence parallelism divides prefill
-  compute by ``sp * 0.9`` and adds an all-gather of the dense layers' K/V over NVLink (an
-  assumption until the SP issue measures it).
+  369 GB/s) and an assumed 400 Gb/s (50 GB/s) network. Sequence parallelism: an SP group of
+  ``s`` GPUs takes ``t1(n) / s + c_s`` -- ``c_s`` the per-rank work that does not shrink with
+  the shard plus the exchange, fitted per degree from ``sequence_parallel.json`` (per-rank work
+  timed on one GPU, collectives priced at the measured link rate; 32K and 128K, dense and
+  TriangleMix); SP degrees it does not list fall back to ``CostModel``'s ``sp * 0.9``.
 - CPU (``from_calibration``): ``sim_calibration_<setup>.json`` written by
   ``benchmarks.simulator.calibrate`` on the machine that runs the app.
 - ``with_served_corrections``: where isolated requests (concurrency 1, no queueing) against
@@ -73,12 +75,17 @@ class Calibration:
     triangle_fraction: float
     sources: tuple[str, ...]
     prefill_excess: Overhead = Overhead(0.0, 0.0)  # served prefill over the engine's
+    sp_overhead_s: tuple[tuple[int, float], ...] = ()  # (SP degree, c_s seconds)
 
     def prefill_s(self, num_tokens: int, *, sp: int = 1, triangle_fraction: float = 0.0
                   ) -> float:
         """A prefill group's service time (engine cost + the served path's excess)."""
-        return (self.cost.prefill_s(num_tokens, sp=sp, triangle_fraction=triangle_fraction)
-                + self.prefill_excess.seconds(num_tokens))
+        c = dict(self.sp_overhead_s).get(sp)
+        if sp > 1 and c is not None:
+            engine = self.cost.prefill_s(num_tokens, triangle_fraction=triangle_fraction) / sp + c
+        else:
+            engine = self.cost.prefill_s(num_tokens, sp=sp, triangle_fraction=triangle_fraction)
+        return engine + self.prefill_excess.seconds(num_tokens)
 
 
 def fit_prefill_joint(rows: list[tuple[int, float, float]]) -> PrefillCost:
@@ -124,8 +131,26 @@ def h200_llama8b(results: Path = RESULTS_DIR) -> Calibration:
     cost = CostModel(prefill, decode, transfers, remote_overhead_s=0.0, shape=shape,
                      sp_efficiency=SP_EFFICIENCY, sp_per_token_s=dense_kv / NVLINK_BYTES_PER_S,
                      source="ttft.json, decode_itl.json, kv_handoff.json")
-    return Calibration(cost, overhead, kv, LLAMA8B_TRIANGLE_FRACTION,
-                       ("ttft.json", "decode_itl.json", "kv_handoff.json"))
+    sources = ["ttft.json", "decode_itl.json", "kv_handoff.json"]
+    sp_overhead = ()
+    if (results / "sequence_parallel.json").exists():
+        sp_overhead = fit_sp_overhead(_rows(results / "sequence_parallel.json"))
+        sources.append("sequence_parallel.json")
+    return Calibration(cost, overhead, kv, LLAMA8B_TRIANGLE_FRACTION, tuple(sources),
+                       sp_overhead_s=sp_overhead)
+
+
+def fit_sp_overhead(rows: list[dict]) -> tuple[tuple[int, float], ...]:
+    """``c_s`` = mean over (length, mode) of ``ttft(s) - ttft(1) / s`` (up to 128K)."""
+    one = {(r["context_tokens"], r["mode"]): r["ttft_s"] for r in rows
+           if r["sp"] == 1 and r["context_tokens"] <= 131072}
+    out = []
+    for sp in sorted({r["sp"] for r in rows if r["sp"] > 1}):
+        extra = [r["ttft_s"] - one[(r["context_tokens"], r["mode"])] / sp for r in rows
+                 if r["sp"] == sp and (r["context_tokens"], r["mode"]) in one]
+        if extra:
+            out.append((sp, max(0.0, float(np.mean(extra)))))
+    return tuple(out)
 
 
 def from_calibration(path: Path, overhead_rows: list[tuple[int, float]],
