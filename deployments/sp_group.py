@@ -177,6 +177,10 @@ class SPGroupEngine:
     @classmethod
     def start(cls, config: AppConfig, engine: PrefillEngine) -> SPGroupEngine:
         world = config.prefill.sp
+        if not set(config.transports) & set(SHARDABLE_BACKENDS):
+            raise ValueError(f"prefill.sp = {world} needs a KV backend every rank can write its "
+                             f"own rows through ({', '.join(SHARDABLE_BACKENDS)}); "
+                             f"kv_transports are {list(config.transports)}")
         pg = ray.util.get_current_placement_group()
         ranks = []
         replica = _replica_name()
