@@ -93,9 +93,8 @@ def _is_token_chunk(choice: dict, chat: bool, token_chunks: str) -> bool:
         return True
     if token_chunks != "any":
         return False
-    if chat:  # a role-only opening chunk carries no token
-        delta = choice.get("delta") or {}
-        return "content" in delta and (text is not None or choice.get("finish_reason") is None)
+    if chat:  # an opening chunk with the role and no content carries no token
+        return "role" not in (choice.get("delta") or {})
     return True
 
 

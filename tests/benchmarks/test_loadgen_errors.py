@@ -75,3 +75,29 @@ def test_tpot_and_goodput_definitions():
     assert row["goodput_rps"] == pytest.approx(1 / 3)  # the second misses the TTFT SLO
     assert row["tpot_mean_s"] == 0.5 and row["itl_p50_s"] == 0.5
     assert row["ttft_p50_s"] == pytest.approx(1.75)  # linear interpolation, as numpy
+
+
+def test_text_prompts_have_the_asked_length():
+    from helpers import embedded_model_dir
+
+    from benchmarks.loadgen.prompts import TextPrompts
+
+    prompts = TextPrompts(embedded_model_dir(), seed=2)
+    for n in (1, 37, 300):
+        text = prompts.build(n, n)
+        assert isinstance(text, str) and prompts.count(text) == n
+    assert prompts.build(5, 40) == prompts.build(5, 40)  # seeded per request
+
+
+def test_which_chunks_count_as_tokens():
+    from benchmarks.loadgen.client import _is_token_chunk
+
+    role_only = {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    role_and_text = {"delta": {"role": "assistant", "content": "Hi"}, "finish_reason": None}
+    empty_text = {"text": "", "finish_reason": None}
+    assert not _is_token_chunk(role_only, chat=True, token_chunks="text")
+    assert _is_token_chunk(role_and_text, chat=True, token_chunks="text")
+    assert not _is_token_chunk(empty_text, chat=False, token_chunks="text")  # vLLM's rule
+    assert _is_token_chunk(empty_text, chat=False, token_chunks="any")  # one chunk per token
+    assert not _is_token_chunk(role_only, chat=True, token_chunks="any")
+    assert _is_token_chunk({"delta": {"content": ""}}, chat=True, token_chunks="any")
