@@ -39,7 +39,7 @@ ROLES = ("prefill", "decode", "ingress")
 
 # Where things run: the only app-config fields a cluster manifest may set differently.
 CLUSTER_FIELDS = frozenset(
-    {"kv_transports", "gpu_peer_access", "cache_dir", "decode.kv_cache_gib",
+    {"kv_transports", "gpu_peer_access", "cache_dir", "prefill_pools", "decode.kv_cache_gib",
      "decode.max_num_seqs", "prefill.sp", "prefill.whole_node"}
     | {f"{role}.{name}" for role in ROLES
        for name in ("num_replicas", "autoscaling", "num_cpus", "num_gpus", "resources")})

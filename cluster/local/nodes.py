@@ -111,43 +111,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_range(n: int) -> int:
-    """The first of ``n`` consecutive ports that are free now (above the kernel's ephemeral
-    range's usual start and Ray's default worker range)."""
-    for _ in range(200):
-        base = random.randrange(20000, 30000 - n)
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise ClusterStartError(f"no {n} consecutive free ports between 20000 and 30000")
+class _Ports:
+    """Free ports for one cluster, none handed out twice (nodes start while others bind)."""
+
+    def __init__(self):
+        self._taken: set[int] = set()
+
+    def take(self) -> int:
+        while (port := free_port()) in self._taken:
+            pass
+        self._taken.add(port)
+        return port
+
+    def take_range(self, n: int) -> int:
+        """The first of ``n`` consecutive ports free now, between 20000 and 30000 (above
+        Ray's default worker range, below the kernel's usual ephemeral range)."""
+        for _ in range(200):
+            base = random.randrange(20000, 30000 - n)
+            block = set(range(base, base + n))
+            if block & self._taken:
+                continue
+            try:
+                for port in block:
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            self._taken |= block
+            return base
+        raise ClusterStartError(f"no {n} consecutive free ports between 20000 and 30000")
 
 
 def ray_executable() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def _node_args(spec: NodeSpec, state: ClusterState, head: bool) -> list[str]:
-    workers = _port_range(_WORKER_PORTS)
+def _node_args(spec: NodeSpec, state: ClusterState, ports: _Ports, head: bool) -> list[str]:
+    workers = ports.take_range(_WORKER_PORTS)
     args = [
         ray_executable(), "start", f"--num-cpus={spec.num_cpus}", "--num-gpus=0",
         f"--resources={json.dumps(spec.resources)}",
         f"--object-store-memory={OBJECT_STORE_BYTES}",
         "--node-ip-address=127.0.0.1", f"--temp-dir={state.ray_temp_dir}",
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--node-manager-port={ports.take()}", f"--object-manager-port={ports.take()}",
+        f"--metrics-export-port={ports.take()}", f"--runtime-env-agent-port={ports.take()}",
+        f"--dashboard-agent-listen-port={ports.take()}",
+        f"--dashboard-agent-grpc-port={ports.take()}",
         f"--min-worker-port={workers}", f"--max-worker-port={workers + _WORKER_PORTS - 1}",
         "--include-log-monitor=false", "--disable-usage-stats",
     ]
     if head:
         port = state.gcs_address.rsplit(":", 1)[1]
         dashboard_port = state.dashboard_url.rsplit(":", 1)[1]
-        args += ["--head", f"--port={port}", f"--ray-client-server-port={free_port()}",
+        args += ["--head", f"--port={port}", f"--ray-client-server-port={ports.take()}",
                  "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                  f"--dashboard-port={dashboard_port}"]
     else:
@@ -155,29 +171,60 @@ def _node_args(spec: NodeSpec, state: ClusterState, head: bool) -> list[str]:
     return args
 
 
-def _start_node(spec: NodeSpec, state: ClusterState, head: bool, timeout_s: float) -> NodeState:
+@dataclass
+class _Starting:
+    spec: NodeSpec
+    node: NodeState
+    process: subprocess.Popen
+    log: Path
+
+
+def _launch(spec: NodeSpec, state: ClusterState, ports: _Ports, head: bool) -> _Starting:
     log = Path(state.state_dir) / f"ray-start-{spec.name}.log"
     env = {**os.environ, **state.client_env()}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)  # the token file of this cluster, not the caller's
     with log.open("w") as out:
         # A new session whose id is this pid: every process of the node will carry it.
-        proc = subprocess.Popen(_node_args(spec, state, head), stdout=out,
+        proc = subprocess.Popen(_node_args(spec, state, ports, head), stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        node = NodeState(spec.name, dict(spec.resources), proc.pid, [])
-        state.nodes.append(node)  # recorded before it runs: a failed start is stopped too
-        state.save()
-        try:
-            code = proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
+    node = NodeState(spec.name, dict(spec.resources), proc.pid, [])
+    state.nodes.append(node)  # recorded before it runs: a failed start is stopped too
+    state.save()
+    return _Starting(spec, node, proc, log)
+
+
+def _await(starting: _Starting, state: ClusterState, timeout_s: float) -> None:
+    try:
+        code = starting.process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        code = None
+    node = starting.node
     node.processes = [p.to_list() for p in session_members(node.session_id)]
     state.save()
     if code != 0:
-        raise ClusterStartError(f"`ray start` of node {spec.name!r} "
-                                f"{'timed out' if code is None else f'exited {code}'}; "
-                                f"see {log}:\n{log.read_text()[-2000:]}")
-    return node
+        raise ClusterStartError(f"`ray start` of node {starting.spec.name!r} "
+                                f"{'timed out' if code is None else f'exited {code}'}; see "
+                                f"{starting.log}:\n{starting.log.read_text()[-2000:]}")
+
+
+def _start_node(spec: NodeSpec, state: ClusterState, ports: _Ports, *, head: bool,
+                timeout_s: float, attempts: int = 2) -> None:
+    """Start one node; a start that failed (a raylet that missed Ray's registration deadline
+    on a loaded machine) is stopped by its session and tried again with fresh ports."""
+    for attempt in range(attempts):
+        starting = _launch(spec, state, ports, head)
+        try:
+            _await(starting, state, timeout_s)
+            return
+        except ClusterStartError:
+            if attempt == attempts - 1:
+                raise
+            known = [ProcessId.from_list(p) for p in starting.node.processes]
+            if stop_processes(known, [starting.node.session_id]):
+                raise
+            state.nodes.remove(starting.node)
+            state.save()
 
 
 def start_cluster(state_dir: Path, nodes: tuple[NodeSpec, ...] = LOCAL_NODES, *,
@@ -187,17 +234,20 @@ def start_cluster(state_dir: Path, nodes: tuple[NodeSpec, ...] = LOCAL_NODES, *,
     state_dir.mkdir(parents=True, exist_ok=True)
     if (state_dir / "state.json").exists():
         raise ClusterStartError(f"{state_dir} already holds a cluster: stop it first")
+    ports = _Ports()
     # Short, fresh temp dir: Ray's socket paths under it must stay below 108 bytes.
     state = ClusterState(str(state_dir), tempfile.mkdtemp(prefix="dlc-", dir="/tmp"),
-                         f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}",
-                         free_port())
+                         f"127.0.0.1:{ports.take()}", f"http://127.0.0.1:{ports.take()}",
+                         ports.take())
     fd = os.open(state.auth_token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     state.save()
     try:
+        # One after another: a raylet must register with the GCS within 30 s (fixed in Ray),
+        # and on a loaded 2-core machine two starting at once can miss it.
         for i, spec in enumerate(nodes):
-            _start_node(spec, state, head=(i == 0), timeout_s=timeout_s)
+            _start_node(spec, state, ports, head=(i == 0), timeout_s=timeout_s)
     except BaseException:
         stop_cluster(state)
         raise

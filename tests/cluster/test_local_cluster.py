@@ -28,8 +28,9 @@ from disagg.sampling import SamplingParams
 
 MODEL = "smollm2-135m-instruct"
 MAX_TOKENS = 16
-# Longer than the local_prefill_max_tokens (256) of cluster/local/serve.yaml: prefilled remotely.
-PROMPT = " ".join(["The sea was calm, and the small boat sailed home under a red sky."] * 22)
+# ~450 tokens: its prefill on decode would pause decoding past max_decode_stall_s (1 s by the CPU
+# cost model, ~2 s here), so the router sends it to the prefill node.
+PROMPT = " ".join(["The sea was calm, and the small boat sailed home under a red sky."] * 30)
 
 
 def cli(command: str, state_dir: Path) -> list[str]:

@@ -90,10 +90,9 @@ def test_each_cluster_deploys_the_app_make_serve_runs(name, make_serve):
 
 def test_drift_outside_placement_is_caught(make_serve):
     text = yaml.safe_load(m.RAYSERVICE.read_text())["spec"]["serveConfigV2"]
-    drifted = m.serve_config_text(text.replace("local_prefill_max_tokens: 256",
-                                               "local_prefill_max_tokens: 4096"))
+    drifted = m.serve_config_text(text.replace("max_queue_wait_s: 30", "max_queue_wait_s: 5"))
     assert m.serve_config_drift(drifted, make_serve) == [
-        "args.local_prefill_max_tokens: 4096 != 256"]
+        "args.routing.max_queue_wait_s: 5.0 != 30.0"]
     renamed = m.serve_config_text(text.replace("deployments.app:app_builder",
                                                "deployments.app:build_app"))
     assert any("import_path" in d for d in m.serve_config_drift(renamed, make_serve))
