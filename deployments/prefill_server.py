@@ -81,10 +81,11 @@ class PrefillServer:
         # ``plan``: the ingress's routing plan; the request router read it to pick this replica.
         destinations = decode_offers(offers)
         ipc = self.engine.senders.get(CUDA_IPC)
-        if cuda_ipc is not None and ipc is not None:
+        # A decode pool on another node sends its export too: its handles open only there.
+        if cuda_ipc is not None and ipc is not None and ipc.on_this_node(destinations):
             ipc.register(cuda_ipc)  # maps only the first time this endpoint is seen
-        if cuda_ipc is not None and self._sp_group is not None:
-            await asyncio.to_thread(self._sp_group.register, cuda_ipc)  # on every rank
+            if self._sp_group is not None:
+                await asyncio.to_thread(self._sp_group.register, cuda_ipc)  # on every rank
         await asyncio.to_thread(self.engine.check_capacity)
         n = request.num_prompt_tokens
         self._queued_tokens += n

@@ -132,6 +132,11 @@ class DirectKVSender:
             return destination.endpoint in _POOLS
         return destination.node == self.node and destination.endpoint in self._mapped
 
+    def on_this_node(self, offers: tuple[KVDestination, ...]) -> bool:
+        """Whether one of ``offers`` is a pool of this backend on this sender's node: only
+        then may its export be ``register``ed (CUDA IPC handles open on no other node)."""
+        return any(d.backend == self.backend and d.node == self.node for d in offers)
+
     def register(self, export: CudaIpcExport) -> None:
         """Map a decode pool's IPC handles, once per endpoint (later calls are free)."""
         if export.endpoint in self._mapped:
