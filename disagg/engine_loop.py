@@ -10,7 +10,8 @@ Life of the loop:
 2. Each turn: run queued calls (add, abort, kv_complete...) → if the engine has work, ``step``
    and dispatch outputs → else wait for the next call (bounded, so the heartbeat stays fresh).
    A turn that ran no forward (e.g. only KV pulls pending) sleeps briefly instead of spinning.
-3. ``stop`` ends the thread; every open stream gets ``EngineLoopStopped``.
+3. ``stop`` ends the thread, or a crash does; every open stream and every call still queued
+   gets ``EngineLoopStopped`` (no caller waits on a dead loop).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class EngineLoop:
             future.set_exception(EngineLoopStopped("the engine loop is not running"))
             return future
         self._calls.put((fn, future))
+        if self._stopped.is_set():  # the loop died between the check and the put
+            self._fail_pending()
         return future
 
     def open_stream(self, request_id: str) -> asyncio.Queue:
@@ -101,6 +104,7 @@ class EngineLoop:
             self.error = e
         finally:
             self._stopped.set()
+            self._fail_pending()  # a call queued behind the crash would wait for ever
             for request_id in list(self._streams):
                 self._dispatch(request_id, EngineLoopStopped(f"engine loop stopped: {self.error}"))
 
@@ -121,6 +125,18 @@ class EngineLoop:
                 item = self._calls.get_nowait()
             except queue.Empty:
                 return
+
+    def _fail_pending(self) -> None:
+        """Fail every queued call with ``EngineLoopStopped`` (after ``_stopped`` is set, so
+        no call can be queued unseen behind this)."""
+        while True:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                error = EngineLoopStopped(f"the engine loop stopped: {self.error}")
+                self._loop.call_soon_threadsafe(_set_exception, item[1], error)
 
     def _dispatch(self, request_id: str, item: Any) -> None:
         stream = self._streams.get(request_id)

@@ -49,4 +49,5 @@ def test_embedded_model_is_the_gguf_dequantized_to_fp32():
     from safetensors import safe_open
 
     with safe_open(path / "model.safetensors", "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is no dict) == {"F32"}
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (no dict)
+    assert dtypes == {"F32"}
