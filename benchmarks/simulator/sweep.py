@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=4.0, help="routing: req/s")
     p.add_argument("--num-requests", type=int, default=1500, help="routing")
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
-    p.add_argument("--rates-per-gpu", type=float, nargs="+", default=[0.15, 0.3, 0.45])
+    p.add_argument("--rates-per-gpu", type=float, nargs="+", default=[0.15, 0.3, 0.45, 0.6, 0.75, 0.9])
     p.add_argument("--horizon-s", type=float, default=60.0, help="cluster: arrivals span")
     p.add_argument("--min-requests", type=int, default=400)
     p.add_argument("--max-requests", type=int, default=2000)
