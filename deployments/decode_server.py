@@ -118,6 +118,7 @@ class DecodeServer:
         self._settings = settings
         # What the routers see of this replica (routing stats), kept on the event loop.
         self._active: set[str] = set()
+        self._plans: dict[str, RoutePlan] = {}  # the ingress's plans of requests held here
         self._local_queue = ReplicaQueue()
         self._loop = EngineLoop(engine, asyncio.get_running_loop())
         self._loop.start()
@@ -145,7 +146,8 @@ class DecodeServer:
                     yield item
                 return
             try:
-                async for item in self._run_disaggregated(request, plan):
+                self._plans[rid] = plan
+                async for item in self._run_disaggregated(request):
                     yield item
             except PrefillUnavailableError as e:  # raised before anything was yielded
                 logger.warning("prefill unavailable (%s): request %s is prefilled here", e,
@@ -161,6 +163,7 @@ class DecodeServer:
             yield StreamItem(finished=True, finish_reason="error", error=from_exception(e))
         finally:
             self._active.discard(rid)
+            self._plans.pop(rid, None)
             self._local_queue.done(rid, time.time())
 
     async def _run_local(self, request: EngineRequest) -> AsyncIterator[StreamItem]:
@@ -171,10 +174,10 @@ class DecodeServer:
         finally:
             self._engine.abort(request.request_id)
 
-    async def _run_disaggregated(self, request: EngineRequest, plan: RoutePlan | None = None
-                                 ) -> AsyncIterator[StreamItem]:
+    async def _run_disaggregated(self, request: EngineRequest) -> AsyncIterator[StreamItem]:
         timing = HandoffTiming()
         prefill = self._prefill
+        plan = self._plans.get(request.request_id)
         if plan is not None and plan.prefill_pool in self._pools:
             prefill = ServePrefillClient(self._pools[plan.prefill_pool], self._ipc_export, plan)
         async for out in serve_disaggregated(request, prefill, self._engine, timing,
