@@ -131,11 +131,11 @@ class Planner:
         summary = RequestSummary(request.request_id, request.num_prompt_tokens,
                                  request.max_tokens)
         now = time.time()
-        cost = self.cost
-        outcome = route(summary, self.book.snapshot(now), cost, self.settings)
+        load = self.book.snapshot(now)
+        outcome = route(summary, load, self.cost, self.settings)
         if isinstance(outcome, Rejection):
             logger.debug("refused %s (%d tokens): %s; load %s", request.request_id,
-                           request.num_prompt_tokens, outcome, self.book.snapshot(now))
+                         request.num_prompt_tokens, outcome, load)
             return rejection_error(outcome)
         self.book.planned(outcome, request.request_id, request.num_prompt_tokens,
                           request.max_tokens, now)
