@@ -7,6 +7,8 @@
 
 The state directory (default: $TMPDIR/disagg-local-cluster) holds ``state.json`` (ports,
 each node's session and process ids) and the ``ray start`` logs.
+Exit status: 0; 1 when ``stop`` left a process alive; 2 when ``start`` failed (it stopped what
+it had started), ``deploy`` failed (the cluster stays up), or there is no cluster to talk to.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cluster.local.nodes import ClusterState, cluster_processes, start_cluster, stop_cluster
+from cluster.local.nodes import (
+    ClusterStartError,
+    ClusterState,
+    cluster_processes,
+    start_cluster,
+    stop_cluster,
+)
 
 DEFAULT_CONFIG = Path(__file__).with_name("serve.yaml")
 
@@ -37,18 +45,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "start":
-        state = start_cluster(args.state)
+        try:
+            state = start_cluster(args.state)
+        except ClusterStartError as e:  # what it started is stopped already
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps({"gcs_address": state.gcs_address, "dashboard": state.dashboard_url,
                           "http": f"http://127.0.0.1:{state.http_port}",
                           "nodes": [n.name for n in state.nodes]}, indent=2))
         return 0
+    if not (args.state / "state.json").exists():
+        print(f"error: no cluster in {args.state} (start one first)", file=sys.stderr)
+        return 2
     state = ClusterState.load(args.state)
     os.environ.update(state.client_env())  # this process talks to the cluster: its token
     os.environ.pop("RAY_AUTH_TOKEN", None)
     if args.command == "deploy":
-        from cluster.local.serve_app import deploy
+        from cluster.local.serve_app import DeployError, deploy
+        from deployments.launch import ConfigFileError
 
-        deploy(state, args.config)
+        try:
+            deploy(state, args.config)
+        except (DeployError, ConfigFileError) as e:  # the cluster stays up: `stop` ends it
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"serving on http://127.0.0.1:{state.http_port}")
     elif args.command == "status":
         from cluster.local.serve_app import placement

@@ -59,8 +59,11 @@ def deploy(state: ClusterState, config_path: Path, *, timeout_s: float = 300.0) 
         statuses = {n: apps.get(n, {}).get("status") for n in names}
         if all(s == RUNNING for s in statuses.values()):
             return
-        failed = {n: apps[n].get("message", "") for n, s in statuses.items()
-                  if s == DEPLOY_FAILED}
+        failed = {n: [apps[n].get("message", "")] + [
+                      f"{d}: {info.get('message', '')}"
+                      for d, info in apps[n].get("deployments", {}).items()
+                      if info.get("status") != "HEALTHY"]
+                  for n, s in statuses.items() if s == DEPLOY_FAILED}
         if failed:
             raise DeployError(f"deploy failed: {failed}")
         if time.monotonic() > deadline:
