@@ -43,7 +43,7 @@ def _client(state: ClusterState) -> ServeSubmissionClient:
     return ServeSubmissionClient(state.dashboard_url)
 
 
-def deploy(state: ClusterState, config_path: Path, *, timeout_s: float = 300.0) -> None:
+def deploy(state: ClusterState, config_path: Path, *, timeout_s: float = 480.0) -> None:
     """Deploy ``config_path`` (checked as ``make serve`` checks it), served on the cluster's
     own HTTP port, and wait until every application is RUNNING."""
     config = load_config(config_path)

@@ -73,7 +73,7 @@ def deployed(tmp_path_factory):
         deploying = subprocess.Popen(cli("deploy", state_dir), cwd=REPO_ROOT, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         reference = _greedy_reference()
-        out, err = deploying.communicate(timeout=400)
+        out, err = deploying.communicate(timeout=540)
         assert deploying.returncode == 0, f"deploy: {out}\n{err[-4000:]}"
         yield state_dir, reference
     finally:
