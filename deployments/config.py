@@ -6,6 +6,7 @@ The engines receive frozen dataclasses built from it (``PrefillConfig``, ``Decod
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -166,10 +167,39 @@ class DecodeSettings(ReplicaSettings):
 
 class IngressSettings(ReplicaSettings):
     num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per ingress replica")
-    api_key: str | None = Field(None, description="required Bearer token; None = open")
+    api_key_env: str | None = Field(
+        None, description="environment variable (of the ingress replica) holding the required "
+                          "Bearer token; the key itself is never part of a config")
+    api_key_file: Path | None = Field(
+        None, description="file (on the ingress replica's node) holding the required Bearer "
+                          "token; neither set: the API is open")
     max_body_bytes: int | None = Field(
         None, ge=1024, description="request body limit; default admits a max-context prompt "
                                    "as token ids")
+    max_tokens_limit: int | None = Field(
+        4096, ge=1, description="server-side cap on generated tokens per request: more is a "
+                                "400, none asked gets at most this; None = the context's rest")
+
+    @model_validator(mode="after")
+    def _check_api_key(self):
+        if self.api_key_env is not None and self.api_key_file is not None:
+            raise ValueError("ingress: set api_key_env or api_key_file, not both")
+        return self
+
+    def read_api_key(self) -> bytes | None:
+        """The Bearer token, read where the ingress runs (the edge); an unset variable, an
+        unreadable or empty file is an error, never an open API."""
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env, "")
+            where = f"environment variable {self.api_key_env}"
+        elif self.api_key_file is not None:
+            key = self.api_key_file.read_text().strip()
+            where = f"file {self.api_key_file}"
+        else:
+            return None
+        if not key:
+            raise ValueError(f"ingress: the API key {where} is unset or empty")
+        return key.encode()
 
 
 class AppConfig(BaseModel):

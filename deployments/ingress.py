@@ -1,7 +1,8 @@
 """OpenAIIngress: the HTTP front door (FastAPI inside Serve) and the first-version router.
 
 Life of a request here:
-1. RECEIVED: auth (401), body size (413), JSON and strict schema (400), model name (404).
+1. RECEIVED: auth (401), content type (415), body size while read (413), JSON (400, depth
+   capped) and strict schema (400; unsupported fields named), model name (404).
 2. Tokenize off the event loop (chat template for chat), validate ids and the length rule.
 3. ADMITTED and ROUTED (``deployments/admission.py``): the routing policy plans the request
    from the replicas' reports and the ingress's own plans in flight -- "local" (decode
@@ -20,7 +21,6 @@ Life of a request here:
 import asyncio
 import contextlib
 import hmac
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.admission import Planner, Ticket, prefill_deployment
 from deployments.config import AppConfig
@@ -39,8 +40,20 @@ from deployments.messages import StreamItem
 from deployments.metrics import Metrics
 from deployments.runtime import load_replica_model
 from disagg.errors import DisaggError, InvalidRequestError
-from disagg.openai.errors import APIError, from_exception, invalid_request
-from disagg.openai.protocol import ChatCompletionRequest, CompletionRequest
+from disagg.openai.errors import (
+    APIError,
+    from_exception,
+    from_http_status,
+    invalid_request,
+    too_large,
+    unsupported_media_type,
+)
+from disagg.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    cap_max_tokens,
+    decode_json_body,
+)
 from disagg.openai.responses import SSE_DONE, ResponseBuilder, sse
 from disagg.output import OutputProcessor
 from disagg.request import EngineRequest
@@ -60,6 +73,14 @@ def error_response(error: APIError, path: str | None = None) -> JSONResponse:
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     # One status for every invalid request: FastAPI's 422 becomes our 400.
     return error_response(invalid_request(f"invalid request: {error.errors()[0]['msg']}"))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    # Unknown paths (404) and wrong methods (405) in the OpenAI shape, not {"detail": ...}.
+    api_error = from_http_status(error.status_code, request.method, request.url.path)
+    return JSONResponse(api_error.body(), status_code=api_error.status,
+                        headers={**(error.headers or {}), **api_error.headers()})
 
 
 @app.exception_handler(Exception)
@@ -92,9 +113,23 @@ async def next_item(stream, deadline: float | None = None) -> StreamItem:
             "service_unavailable", retry_after_s=1))
 
 
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"request body exceeds {limit} bytes", "invalid_request_error", None,
-                    "request_too_large")
+def _is_json(content_type: str | None) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() == "application/json"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it passes ``limit`` bytes while it is read: a
+    chunked upload has no Content-Length to check first."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _Reject(too_large(limit))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _Reject(too_large(limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @serve.deployment
@@ -104,6 +139,7 @@ class OpenAIIngress:
         loaded = load_replica_model(config, num_cpus=config.ingress.num_cpus, num_gpus=0,
                                     with_weights=False)
         self._config = config
+        self._api_key = config.ingress.read_api_key()
         self._decode = decode
         self._tokenizer = loaded.tokenizer
         self._model_config = loaded.config
@@ -141,9 +177,9 @@ class OpenAIIngress:
         return await self._serve(request, ChatCompletionRequest, chat=True)
 
     def _check_auth(self, request: Request) -> APIError | None:
-        key = self._config.ingress.api_key
         given = request.headers.get("authorization", "")
-        if key is None or hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        key = self._api_key  # constant-time comparison: no timing oracle on the key's bytes
+        if key is None or hmac.compare_digest(given.encode(), b"Bearer " + key):
             return None
         return APIError(401, "missing or invalid API key", "invalid_request_error", None,
                         "invalid_api_key")
@@ -151,21 +187,13 @@ class OpenAIIngress:
     async def _parse(self, request: Request, schema: type[BaseModel]):
         if (error := self._check_auth(request)) is not None:
             raise _Reject(error)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body_bytes:
-            raise _Reject(_too_large(self._max_body_bytes))
-        raw = await request.body()
-        if len(raw) > self._max_body_bytes:
-            raise _Reject(_too_large(self._max_body_bytes))
+        if not _is_json(request.headers.get("content-type")):
+            # Also what keeps a web page's form or text/plain post out (no CORS preflight).
+            raise _Reject(unsupported_media_type(request.headers.get("content-type")))
+        raw = await read_body(request, self._max_body_bytes)
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _Reject(invalid_request(f"malformed JSON body: {e}")) from e
-        if not isinstance(data, dict):
-            raise _Reject(invalid_request("the body must be a JSON object"))
-        try:
-            body = schema.model_validate(data)
-        except ValidationError as e:
+            body = schema.model_validate(decode_json_body(raw))
+        except (ValidationError, InvalidRequestError) as e:
             raise _Reject(from_exception(e)) from e
         if body.model != self._config.model_name:
             raise _Reject(APIError(404, f"model {body.model!r} does not exist; this server "
@@ -196,7 +224,8 @@ class OpenAIIngress:
         try:
             body = await self._parse(http_request, schema)
             prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
-            params = body.sampling_params()
+            params = cap_max_tokens(body.sampling_params(), self._config.ingress.max_tokens_limit,
+                                    num_prompt_tokens=len(prompt_ids), context=self._context)
             request = EngineRequest.create(
                 uuid.uuid4().hex, prompt_ids, params,
                 vocab_size=self._model_config.vocab_size, context=self._context)
@@ -252,6 +281,8 @@ class OpenAIIngress:
                     status = str(item.error.status)
                 if item.timing is not None:
                     builder.timing = item.timing
+                    if ticket is not None:  # the measured prefill calibrates the router
+                        self._planner.observe(ticket, builder.num_prompt_tokens, item.timing)
                 delta = processor.push(item.token, item.finish_reason if item.finished else None)
                 if item.token is not None and t_first is None:
                     t_first = time.perf_counter()

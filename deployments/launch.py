@@ -18,6 +18,10 @@ first step, so every stream still in flight is cut. This launcher drains first:
    Serve and Ray are shut down if this process started them; on a cluster it joined, only its
    own applications were removed.
 
+A Ray instance the launcher starts itself (no ``--address``, no ``RAY_ADDRESS``) is
+single-machine: every Ray port binds to 127.0.0.1 (``RAY_LOOPBACK_ENV``); only the HTTP proxy
+listens where ``http_options.host`` says. Joining a cluster leaves addressing to the cluster.
+
 Exit status: 0 after a full drain, 1 when the drain was cut short, 2 for a config file that
 cannot be served (unreadable, invalid schema or ``args``, unknown import path or model).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -44,6 +49,10 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from disagg.errors import DisaggError
 
 _POLL_S = 0.2
+# Ray's single-machine mode (the default on macOS and Windows, a switch on Linux): with it "0",
+# every port of a Ray instance -- GCS, raylet, object manager, workers, dashboard agent,
+# metrics export, runtime-env agent -- listens on 127.0.0.1 instead of all interfaces.
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class ConfigFileError(ValueError):
@@ -137,6 +146,11 @@ class _Signals:
             self.stop.set()
 
 
+def _starts_local_ray(address: str | None) -> bool:
+    """True when ``ray.init`` here starts a Ray instance of its own (no cluster to join)."""
+    return address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
+
+
 def _say(message: str) -> None:
     print(f"[disagg launch] {message}", file=sys.stderr, flush=True)
 
@@ -160,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"error: {e}")
         return 2
 
+    if _starts_local_ray(args.address) and os.environ.get(RAY_LOOPBACK_ENV) != "0":
+        # Ray reads its single-machine switch once, at import, in every process it starts:
+        # the launcher runs itself again with it set, before Ray is imported there.
+        os.environ[RAY_LOOPBACK_ENV] = "0"
+        os.execv(sys.executable, [sys.executable, "-m", "deployments.launch",
+                                  *(sys.argv[1:] if argv is None else argv)])
     signals = _Signals()
     started_ray = not ray.is_initialized()
     if started_ray:

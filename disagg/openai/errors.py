@@ -45,6 +45,9 @@ def invalid_request(message: str, param: str | None = None) -> APIError:
 
 def from_validation_error(error: ValidationError) -> APIError:
     first = error.errors()[0]
+    raised = first.get("ctx", {}).get("error")
+    if isinstance(raised, InvalidRequestError):  # a validator's own message and param
+        return invalid_request(str(raised), raised.param)
     param = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
     return invalid_request(f"{param or 'body'}: {first['msg']}", param)
 
@@ -62,3 +65,25 @@ def from_exception(error: Exception) -> APIError:
     if isinstance(error, DisaggError):
         return APIError(500, str(error), "server_error", None, "internal_error")
     return APIError(500, "internal server error", "server_error", None, "internal_error")
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"request body exceeds {limit} bytes", "invalid_request_error", None,
+                    "request_too_large")
+
+
+def unsupported_media_type(content_type: str | None) -> APIError:
+    return APIError(415, f"Content-Type must be application/json, not {content_type!r}",
+                    "invalid_request_error", None, "unsupported_media_type")
+
+
+def from_http_status(status: int, method: str, path: str) -> APIError:
+    """The framework's own errors (unknown path, wrong method) in the same shape."""
+    if status == 404:
+        return APIError(404, f"no such endpoint: {method} {path}", "invalid_request_error",
+                        None, "not_found")
+    if status == 405:
+        return APIError(405, f"method {method} is not allowed on {path}",
+                        "invalid_request_error", None, "method_not_allowed")
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return APIError(status, f"HTTP {status} on {method} {path}", kind, None, None)

@@ -1,19 +1,70 @@
 """OpenAI-compatible request bodies, validated strictly (no coercion: ``"stream": "yes"`` is an
-error, not ``true``). Fields OpenAI defines that we do not implement are rejected when they
-ask for behaviour we would silently ignore (``n > 1``, penalties); unknown fields are ignored,
-as OpenAI-compatible servers do.
+error, not ``true``). Fields OpenAI defines that we do not implement are rejected with a 400
+naming them when they ask for behaviour we would otherwise silently ignore (``tools``,
+``logit_bias``, ``best_of``, ``n > 1``, penalties...: ``UNSUPPORTED_FIELDS``); other unknown
+fields are ignored, as OpenAI-compatible servers do. Every list a client controls is capped
+(stop strings, stop token ids, messages, content parts), and so is JSON nesting
+(``check_json_depth``), so no body costs more to validate than its size.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from disagg.errors import InvalidRequestError
 from disagg.sampling import SamplingParams
 
 _STRICT = ConfigDict(strict=True, extra="ignore", frozen=True)
 MAX_STOP_STRINGS = 4
+MAX_STOP_STRING_CHARS = 256  # the output processor holds back this much text per stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 1024
+MAX_CONTENT_PARTS = 256
+MAX_JSON_DEPTH = 32  # the deepest valid body is 5 levels (messages[].content[].text)
+
+# OpenAI fields we do not implement, each with the values that ask for nothing (the default):
+# any other value would change the answer, so it is a 400 naming the field, never ignored.
+_NOTHING = (None,)
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "function_call": (None, "none"), "parallel_tool_calls": _NOTHING,
+    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
+    "best_of": (None, 1), "suffix": (None, ""), "echo": (None, False),
+    "audio": _NOTHING, "modalities": (None, ["text"]), "prediction": _NOTHING,
+    "web_search_options": _NOTHING, "reasoning_effort": _NOTHING,
+    "min_tokens": (None, 0), "repetition_penalty": (None, 1.0), "guided_json": _NOTHING,
+    "guided_regex": _NOTHING, "guided_choice": _NOTHING, "guided_grammar": _NOTHING,
+}
+
+
+def check_json_depth(value: object, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise ``InvalidRequestError`` when a parsed JSON value nests deeper than ``limit``."""
+    level = [value]
+    for _ in range(limit):
+        level = [child for v in level if isinstance(v, (dict, list))
+                 for child in (v.values() if isinstance(v, dict) else v)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return
+    raise InvalidRequestError(f"the JSON body nests deeper than {limit} levels")
+
+
+def _same(a: object, b: object) -> bool:
+    return a == b and isinstance(a, bool) == isinstance(b, bool)  # True is not 1 here
+
+
+def _reject_unsupported(data: object) -> object:
+    if isinstance(data, dict):
+        named = sorted(k for k, ok in UNSUPPORTED_FIELDS.items()
+                       if k in data and not any(_same(data[k], v) for v in ok))
+        if named:
+            raise InvalidRequestError(f"unsupported parameter(s): {', '.join(named)}; this "
+                                      "server does not implement them", param=named[0])
+    return data
 
 
 class StreamOptions(BaseModel):
@@ -31,7 +82,8 @@ class _SamplingFields(BaseModel):
     top_k: Annotated[int, Field(ge=-1)] = -1  # vLLM extension; -1 or 0 = off
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[StrictInt] | None = None  # vLLM extension
+    stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = \
+        None  # vLLM extension
     ignore_eos: StrictBool = False  # vLLM extension
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -40,13 +92,18 @@ class _SamplingFields(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0)] = 0.0
     user: str | None = None
 
+    _unsupported = model_validator(mode="before")(_reject_unsupported)
+
     @model_validator(mode="after")
     def _check_stop(self):
         stops = self.stop_strings
         if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+            raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
         if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
+            raise InvalidRequestError("stop strings must not be empty", param="stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise InvalidRequestError(f"stop strings are at most {MAX_STOP_STRING_CHARS} "
+                                      "characters", param="stop")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
@@ -76,7 +133,6 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[StrictInt]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: Literal[False] = False
 
     def sampling_params(self) -> SamplingParams:
         return self._sampling(self.max_tokens, self.logprobs)
@@ -91,7 +147,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)]
 
     @property
     def text(self) -> str:
@@ -103,7 +159,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``: messages rendered through the model's chat template."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: StrictBool = False
@@ -124,3 +180,41 @@ class ChatCompletionRequest(_SamplingFields):
         """Messages for ``tokenizer.apply_chat_template`` (``developer`` acts as ``system``)."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
                 for m in self.messages]
+
+
+def cap_max_tokens(params: SamplingParams, cap: int | None, *, num_prompt_tokens: int,
+                   context: int) -> SamplingParams:
+    """The server-side cap on generated tokens: a request asking for more is a 400; one that
+    asks for none (whatever the context leaves) gets at most ``cap``."""
+    if cap is None:
+        return params
+    if params.max_tokens is not None:
+        if params.max_tokens > cap:
+            raise InvalidRequestError(f"max_tokens ({params.max_tokens}) exceeds this server's "
+                                      f"limit of {cap} generated tokens", param="max_tokens")
+        return params
+    remaining = context - num_prompt_tokens
+    return params if remaining < 1 else dataclasses.replace(params,
+                                                            max_tokens=min(cap, remaining))
+
+
+def _no_constant(name: str):
+    raise InvalidRequestError(f"malformed JSON body: {name} is not JSON")
+
+
+def decode_json_body(raw: bytes) -> dict:
+    """The body as a JSON object: strict JSON (no NaN/Infinity), UTF-8, at most
+    ``MAX_JSON_DEPTH`` deep; anything else is an ``InvalidRequestError`` (a 400)."""
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"the body is not valid UTF-8: {e}") from e
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"malformed JSON body: {e}") from e
+    except RecursionError as e:  # deeper than the parser's stack: far past MAX_JSON_DEPTH
+        raise InvalidRequestError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} "
+                                  "levels") from e
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the body must be a JSON object")
+    check_json_depth(data)
+    return data

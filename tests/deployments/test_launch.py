@@ -57,6 +57,8 @@ def test_bad_config_file_exits_2_with_a_message(tmp_path):
 
 
 def _config(path: Path, port: int) -> Path:
+    key_file = path.with_name("api_key")  # the key lives in a file, never in the config
+    key_file.write_text(API_KEY + "\n")
     path.write_text(yaml.safe_dump({
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -67,7 +69,7 @@ def _config(path: Path, port: int) -> Path:
                      "health_check_period_s": 1.0,
                      "prefill": {"num_cpus": 0.5}, "decode": {"num_cpus": 0.5,
                                                               "kv_cache_gib": 0.25},
-                     "ingress": {"num_cpus": 0.25, "api_key": API_KEY}},
+                     "ingress": {"num_cpus": 0.25, "api_key_file": str(key_file)}},
         }],
     }))
     return path
@@ -144,9 +146,36 @@ def _stream(base: str, max_tokens: int, signals: dict[int, int], proc: subproces
     return chunks, finish, done
 
 
+def _listening_addresses(ray_tmp: Path) -> dict[str, set[str]]:
+    """TCP listen addresses of every process of the Ray instance under ``ray_tmp``."""
+    import psutil
+
+    found: dict[str, set[str]] = {}
+    for p in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if str(ray_tmp) not in " ".join(p.info["cmdline"] or []) and not any(
+                    str(ray_tmp) in f.path for f in p.open_files()):
+                continue
+            for c in p.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    found.setdefault(f"{p.info['name']}:{p.pid}", set()).add(c.laddr.ip)
+    return found
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_stream_drains_then_stops(sig, tmp_path):
     with _launched(tmp_path) as (proc, base, ray_tmp, log_path):
+        # Single-machine default: every Ray port (GCS, raylet, object manager, workers,
+        # agents, metrics export) and the proxy (127.0.0.1 in this config) listen on loopback.
+        # The one exception is Ray's own: each Serve replica's inter-deployment gRPC server,
+        # bound to [::]:0 in ray/serve/_private/replica.py with no option (README).
+        listening = _listening_addresses(ray_tmp)
+        names = {name.split(":")[0] for name in listening}
+        assert {"gcs_server", "raylet"} <= names, listening
+        public = {name: ips - {"127.0.0.1", "::ffff:127.0.0.1"} for name, ips in
+                  listening.items()}
+        assert all(ips <= {"::"} and name.startswith("ray::ServeRepl")
+                   for name, ips in public.items() if ips), public
         for headers in ({}, {"authorization": "Bearer wrong"}):  # the 401 of the status mapping
             denied = httpx.get(f"{base}/v1/models", headers=headers, timeout=30)
             assert denied.status_code == 401
@@ -158,8 +187,11 @@ def test_signal_mid_stream_drains_then_stops(sig, tmp_path):
         assert proc.wait(180) == 0  # liveness deadline for drain + shutdown
         prefill_log = _replica_log(ray_tmp, "PrefillServer")
         decode_log = _replica_log(ray_tmp, "DecodeServer")
+        every_log = "".join(p.read_text(errors="replace") for p in ray_tmp.rglob("*")
+                            if p.is_file() and p.suffix in (".log", ".out", ".err"))
     out = log_path.read_text()
     assert "draining" in out and re.search(r"drained in [\d.]+ s", out), out[-3000:]
+    assert "OpenAIIngress" in every_log and API_KEY not in out + every_log  # never logged
     # The replicas' own counters as they stopped: no lease left, every KV block free.
     assert "0 KV leases outstanding" in prefill_log
     decode = re.search(r"DecodeServer stopping: (\d+)/(\d+) KV blocks free, unfinished "

@@ -71,3 +71,45 @@ def test_engine_errors_map_to_one_status_each():
     assert from_exception(KVMismatchError("x")).status == 500
     assert from_exception(RuntimeError("secret")).body()["error"]["message"] == \
         "internal server error"
+
+
+def test_server_cap_on_generated_tokens():
+    from disagg.errors import InvalidRequestError
+    from disagg.openai.protocol import cap_max_tokens
+    from disagg.sampling import SamplingParams
+
+    def cap(max_tokens, num_prompt_tokens=10):
+        return cap_max_tokens(SamplingParams(max_tokens=max_tokens), 100,
+                              num_prompt_tokens=num_prompt_tokens, context=1000).max_tokens
+
+    assert (cap(None), cap(None, 950), cap(7), cap(100)) == (100, 50, 7, 100)
+    assert cap(None, 1000) is None  # no room at all: the length rule reports it
+    with pytest.raises(InvalidRequestError) as info:
+        cap(101)
+    assert info.value.param == "max_tokens"
+    assert cap_max_tokens(SamplingParams(), None, num_prompt_tokens=1, context=9).max_tokens \
+        is None
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function"}]), ("tool_choice", "required"), ("best_of", True),
+    ("best_of", 3), ("echo", True), ("suffix", "x"), ("logit_bias", {"1": 1}),
+    ("response_format", {"type": "json_schema"}), ("functions", [{}]), ("min_tokens", 5),
+])
+def test_unsupported_fields_are_named(field, value):
+    with pytest.raises(ValidationError) as info:
+        chat(**{field: value})
+    error = from_exception(info.value)
+    assert (error.status, error.param) == (400, field) and field in error.message
+
+
+def test_json_depth_and_constants():
+    from disagg.errors import InvalidRequestError
+    from disagg.openai.protocol import MAX_JSON_DEPTH, decode_json_body
+
+    ok = b'{"a": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    assert decode_json_body(ok)["a"]
+    for raw in (b'{"a": ' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}",
+                b"[" * 100_000, b'{"a": NaN}', b'{"a": "\xc3\x28"}', b"[]"):
+        with pytest.raises(InvalidRequestError):
+            decode_json_body(raw)
