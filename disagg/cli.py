@@ -3,6 +3,8 @@
 - ``generate``: a raw completion (no chat template) streamed to stdout; ``--json`` prints one
   object with the token ids and text instead; speed goes to stderr.
 - ``prepare-model``: converts the embedded model into the cache (``make`` runs it once).
+- ``probe-layers``: the TriangleMix layer probe (``disagg.fidelity.probe``): per-layer scores
+  and the recommended Triangle layers, as JSON on stdout.
 
 The environment is read here, at the edge, and nowhere deeper: ``DISAGG_CACHE_DIR`` names the
 model cache (default ``~/.cache/disagg``).
@@ -60,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 
     sub.add_parser("prepare-model", help=f"convert the embedded {EMBEDDED_MODEL} into the cache")
+
+    probe = sub.add_parser("probe-layers", help="gradient probe: which layers can be Triangle")
+    probe.add_argument("--model", default=EMBEDDED_MODEL,
+                       help=f"{EMBEDDED_MODEL} (default), random:<config>, or a local HF directory")
+    probe.add_argument("--num-triangle-layers", type=int, default=None,
+                       help="size of the recommended set (default: half the layers)")
+    probe.add_argument("--num-prompts", type=int, default=16)
+    probe.add_argument("--prompt-tokens", type=int, default=2048)
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    probe.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return parser
 
 
@@ -72,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(prepare_embedded(cache_dir))
             return 0
+        if args.command == "probe-layers":
+            return _run_probe(args, cache_dir)
         from disagg.generate_cli import run_generate
 
         return run_generate(args, cache_dir)
@@ -80,6 +95,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _run_probe(args: argparse.Namespace, cache_dir: Path) -> int:
+    import json
+
+    import torch
+    from disagg_kernels.triangle_mix import TriangleParams
+
+    from disagg.fidelity.probe import build_probe_model, probe_layers, retrieval_prompts
+    from disagg.models.loader import resolve_model
+
+    source = resolve_model(args.model, cache_dir=cache_dir)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hf = build_probe_model(source, device)
+    prompts = retrieval_prompts(source, args.prompt_tokens, args.num_prompts, args.seed)
+    result = probe_layers(hf, prompts, TriangleParams(), model_name=source.name, progress=True)
+    count = args.num_triangle_layers or hf.config.num_hidden_layers // 2
+    text = json.dumps(result.to_dict(count), indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
 
 
 def check_text_prompt(prompt: str | None, has_tokenizer: bool, model: str) -> None:

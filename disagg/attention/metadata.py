@@ -20,6 +20,7 @@ class AttentionKind(enum.Enum):
 
     DENSE = "dense"
     TRIANGLE = "triangle"
+    DYNAMIC = "dynamic"  # a dense layer run block-sparse (TriangleMixConfig.dynamic)
 
 
 class AttentionMetadata(Protocol):

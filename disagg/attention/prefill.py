@@ -1,5 +1,6 @@
 """Attention metadata of one prefill forward: hands each layer's K/V to a sink and runs each
-layer's attention kind (dense, or Triangle for TriangleMix's deep layers).
+layer's attention kind (dense, or Triangle for TriangleMix's deep layers, or dynamic
+block-sparse for its other layers when the config asks for it).
 
 The sink takes a layer's K/V the moment they are computed: a ``PackedKV`` keeps them (local
 use), a KV writer of the hand-off moves them to decode's reserved rows while the next layers
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from disagg_kernels.dynamic_sparse import dynamic_sparse_attention
 from disagg_kernels.triangle_mix import triangle_attention
 
 from disagg.attention.dense import dense_attention
@@ -55,8 +57,13 @@ class PrefillAttention:
         if self.cancelled is not None and self.cancelled():
             raise PrefillCancelled(f"prefill cancelled before layer {layer_idx}")
         self.sink.write_layer(layer_idx, k, v)
-        if self.kind(layer_idx) is AttentionKind.TRIANGLE:
+        kind = self.kind(layer_idx)
+        if kind is AttentionKind.TRIANGLE:
             out, _ = triangle_attention(q, k, v, num_tokens=self.num_prompt_tokens,
                                         params=self.trianglemix.params, scale=self.scale)
+            return out
+        if kind is AttentionKind.DYNAMIC:
+            out, _ = dynamic_sparse_attention(q, k, v, params=self.trianglemix.dynamic,
+                                              scale=self.scale)
             return out
         return dense_attention(q, k, v, q_start=0, scale=self.scale)

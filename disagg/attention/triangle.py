@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from disagg_kernels.dynamic_sparse import DynamicSparseParams
 from disagg_kernels.triangle_mix import TriangleParams
 
 from disagg.attention.metadata import AttentionKind
@@ -31,10 +32,13 @@ PUBLISHED_TRIANGLE_LAYERS: dict[str, tuple[int, ...]] = {
 
 @dataclass(frozen=True)
 class TriangleMixConfig:
-    """Triangle attention in ``triangle_layers``, dense elsewhere, during prefill."""
+    """Triangle attention in ``triangle_layers``, dense elsewhere, during prefill; with
+    ``dynamic`` set, the other layers run dynamic block-sparse attention instead of dense
+    (prompts of at least ``dynamic.min_tokens`` tokens)."""
 
     triangle_layers: tuple[int, ...]
     params: TriangleParams = field(default_factory=TriangleParams)
+    dynamic: DynamicSparseParams | None = None  # None (default): the other layers stay dense
 
     def __post_init__(self):
         if not self.triangle_layers:
@@ -52,6 +56,8 @@ class TriangleMixConfig:
     def kind(self, layer_idx: int, num_prompt_tokens: int) -> AttentionKind:
         if num_prompt_tokens > self.min_sparse_tokens and layer_idx in self.triangle_layers:
             return AttentionKind.TRIANGLE
+        if self.dynamic is not None and num_prompt_tokens >= self.dynamic.min_tokens:
+            return AttentionKind.DYNAMIC
         return AttentionKind.DENSE
 
     @property
@@ -59,7 +65,9 @@ class TriangleMixConfig:
         p, layers = self.params, self.triangle_layers
         span = (f"{layers[0]}-{layers[-1]}" if layers == tuple(range(layers[0], layers[-1] + 1))
                 else ",".join(map(str, layers)))
-        return f"trianglemix(sink={p.n_sink},window={p.n_window},last={p.n_last},layers={span})"
+        dynamic = f",{self.dynamic.tag}" if self.dynamic is not None else ""
+        return (f"trianglemix(sink={p.n_sink},window={p.n_window},last={p.n_last},"
+                f"layers={span}{dynamic})")
 
     def validate_for(self, num_layers: int) -> None:
         if self.triangle_layers[-1] >= num_layers:

@@ -1,0 +1,98 @@
+"""Block selection of dynamic sparse attention: XAttention's antidiagonal estimate, then a
+threshold (or a fixed density) per query block. Plain PyTorch (a few large matrix products and
+one sort per layer); runs on any device.
+
+Estimate: with stride ``s``, super-token ``r`` of the queries is the concatenation of
+``q[r*s + s-1], q[r*s + s-2], .., q[r*s]`` and super-token ``c`` of the keys that of
+``k[c*s], .., k[c*s + s-1]``, so ``Q' K'^T [r, c]`` sums the scores of one antidiagonal of the
+``s x s`` sub-block (r, c): every query row and every key column of it appear once. A causal
+softmax over super-tokens (scale ``1/(sqrt(D) s)``: the mean score of the antidiagonal) summed
+into ``block_size`` blocks estimates each block's attention mass at ``N^2 D / s`` cost.
+Scores are summed over the query heads of a KV head: a block list is shared by the group, so
+the kernel stays GQA-native (one list per KV head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .params import DynamicSparseParams
+
+
+def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
+                              stride: int, scale: float | None = None) -> torch.Tensor:
+    """q ``[N, Hq, D]``, k ``[N, Hkv, D]`` -> estimated attention mass ``[Hkv, Qb, Qb]`` fp32 of
+    every causal block (0 above the diagonal); each row sums to 1."""
+    n, num_heads_q, head_dim = q.shape
+    num_heads_kv = k.shape[1]
+    group = num_heads_q // num_heads_kv
+    num_blocks = -(-n // block_size)
+    padded = num_blocks * block_size
+    num_super = padded // stride
+    per_block = block_size // stride
+    scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) / stride
+    # Fold the stride into the feature axis (see the module docstring).
+    qp = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, padded - n))
+    kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, padded - n))
+    q_s = qp.view(num_super, stride, num_heads_q, head_dim).flip(1)
+    q_s = q_s.permute(2, 0, 1, 3).reshape(num_heads_q, num_super, stride * head_dim)
+    k_s = kp.view(num_super, stride, num_heads_kv, head_dim)
+    k_s = k_s.permute(2, 0, 1, 3).reshape(num_heads_kv, num_super, stride * head_dim)
+    sup = torch.arange(num_super, device=q.device)
+    # Causal at super-token level; padded key super-tokens never count.
+    visible = (sup[None, :] <= sup[:, None]) & (sup[None, :] * stride < n)
+    out = torch.empty(num_heads_kv, num_blocks, num_blocks, dtype=torch.float32, device=q.device)
+    for h in range(num_heads_kv):  # one KV head at a time bounds memory (128K: 1 GiB)
+        s = torch.matmul(q_s[h * group:(h + 1) * group], k_s[h].transpose(0, 1)).float()
+        s = (s * scale).masked_fill_(~visible, -float("inf"))
+        p = torch.softmax(s, dim=-1)  # [G, S, S]
+        mass = p.view(group, num_blocks, per_block, num_blocks, per_block).sum(dim=(0, 2, 4))
+        out[h] = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+    return out
+
+
+def select_blocks(scores: torch.Tensor, params: DynamicSparseParams
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scores ``[Hkv, Qb, Qb]`` -> ``(block_idx [Hkv, Qb, W] int32, block_count [Hkv, Qb]
+    int32)``: the kept causal blocks of each row in ascending order, the diagonal and block 0
+    always among them."""
+    num_heads_kv, num_blocks, _ = scores.shape
+    device = scores.device
+    qb = torch.arange(num_blocks, device=device)
+    causal = qb[None, :] <= qb[:, None]  # [Qb, Kb]
+    masked = scores.masked_fill(~causal, -1.0)  # non-causal blocks sort last
+    order = torch.argsort(masked, dim=-1, descending=True)
+    ranked = torch.gather(masked, -1, order)
+    if params.density is None:
+        before = torch.cumsum(ranked.clamp_min(0.0), dim=-1) - ranked.clamp_min(0.0)
+        keep_ranked = before < params.threshold  # keep until the mass before reaches it
+    else:
+        quota = torch.ceil(params.density * (qb + 1).float()).long()  # [Qb]
+        keep_ranked = torch.arange(num_blocks, device=device)[None, :] < quota[:, None]
+        keep_ranked = keep_ranked.expand(num_heads_kv, -1, -1)
+    keep = torch.zeros_like(keep_ranked).scatter_(-1, order, keep_ranked)
+    keep &= causal
+    keep[:, qb, qb] = True
+    keep[:, :, 0] = True
+    return blocks_from_mask(keep)
+
+
+def blocks_from_mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``[Hkv, Qb, Kb]`` -> ascending block lists ``(block_idx, block_count)`` int32 of
+    the kept causal blocks (blocks past the diagonal are dropped)."""
+    qb = torch.arange(keep.shape[1], device=keep.device)
+    keep = keep & (qb[None, :] <= qb[:, None])
+    counts = keep.sum(-1)
+    width = max(int(counts.max()), 1) if keep.numel() else 1
+    # A stable sort of "not kept" puts the kept block ids first, in ascending order.
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    return order.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
+
+
+def kept_fraction(block_count: torch.Tensor) -> float:
+    """Kept blocks over causal blocks (the block density of a selection)."""
+    num_blocks = block_count.shape[-1]
+    causal = block_count.shape[0] * num_blocks * (num_blocks + 1) // 2
+    return float(block_count.sum()) / causal

@@ -1,0 +1,125 @@
+"""Fidelity machinery on CPU: teacher-forced scoring equals a sparse prefill followed by dense
+decode over its KV, batching changes nothing, and the synthetic tasks land on their lengths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from disagg_kernels.dynamic_sparse import DynamicSparseParams
+from disagg_kernels.triangle_mix import TriangleParams
+from helpers import embedded_model_dir, random_model
+
+from disagg.attention.contiguous import ContiguousAttention, ContiguousKVCache
+from disagg.attention.prefill import PrefillAttention
+from disagg.attention.triangle import TriangleMixConfig
+from disagg.fidelity.scoring import score_continuations
+from disagg.fidelity.tasks import ANSWER_BUDGET_TOKENS, TASKS, generate_task
+from disagg.kv.layout import KVLayout, PackedKV
+
+N, A = 80, 5
+SMALL = TriangleParams(n_sink=2, n_window=16, n_last=8)
+CONFIGS = {
+    "dense": None,
+    "trianglemix": TriangleMixConfig((1, 3), SMALL),
+    "trianglemix+dynamic": TriangleMixConfig(
+        (1, 3), SMALL, dynamic=DynamicSparseParams(block_size=16, stride=4, threshold=0.5,
+                                                   min_tokens=32)),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _ = random_model("tiny-llama")
+    return model
+
+
+def _ids(seed, n, vocab=512):
+    return torch.randint(4, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _prefill_then_decode(model, prompt, continuation, config):
+    """Serving's path: prefill (config) into a cache, then one dense decode step per token
+    (fed ``continuation``, or its own argmax when None); returns the logits that predicted
+    each token ``[A, V]`` and the tokens fed."""
+    n = prompt.shape[0]
+    layout = KVLayout.of_model(model)
+    kv = PackedKV.empty(layout, n, "cpu")
+    hidden = model(prompt, torch.arange(n), PrefillAttention(kv, n, model.scale, config))
+    logits = [model.compute_logits(hidden[-1:])[0]]
+    cache = ContiguousKVCache.allocate(num_layers=layout.num_layers, max_tokens=n + A,
+                                       num_kv_heads=layout.num_kv_heads,
+                                       head_dim=layout.head_dim, dtype=torch.float32,
+                                       device="cpu")
+    for layer in range(layout.num_layers):
+        cache.k[layer][:n], cache.v[layer][:n] = kv.k[layer], kv.v[layer]
+    fed = []
+    for t in range(A):
+        fed.append(int(logits[-1].argmax()) if continuation is None else int(continuation[t]))
+        if t == A - 1:
+            break
+        pos = torch.tensor([n + t])
+        h = model(torch.tensor([fed[-1]]), pos, ContiguousAttention(cache, n + t, model.scale))
+        logits.append(model.compute_logits(h)[0])
+    return torch.stack(logits), fed
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@torch.inference_mode()
+def test_scoring_equals_prefill_then_dense_decode(tiny, name):
+    config = CONFIGS[name]
+    prompt, cont = _ids(1, N), _ids(2, A)
+    ref, _ = _prefill_then_decode(tiny, prompt, cont, config)
+    ref_nll = float(-torch.log_softmax(ref, -1).gather(-1, cont[:, None]).sum())
+    scores = score_continuations(tiny, prompt[None], [cont.tolist()], config)
+    assert scores.nll[0] == pytest.approx(ref_nll, rel=1e-4)
+    assert scores.exact == [False]  # random tokens are not what the model would say
+    # Greedy decoding's own output, scored teacher-forced, is exact; one token changed is not.
+    _, greedy = _prefill_then_decode(tiny, prompt, None, config)
+    assert score_continuations(tiny, prompt[None], [greedy], config).exact == [True]
+    wrong = greedy[:2] + [(greedy[2] + 1) % 512] + greedy[3:]
+    assert score_continuations(tiny, prompt[None], [wrong], config).exact == [False]
+
+
+def test_sparse_configs_really_differ_from_dense(tiny):
+    prompt, cont = _ids(3, N), _ids(4, A)
+    nll = {k: score_continuations(tiny, prompt[None], [cont.tolist()], c).nll[0]
+           for k, c in CONFIGS.items()}
+    assert nll["trianglemix"] != nll["dense"]
+    assert nll["trianglemix+dynamic"] != nll["trianglemix"]
+
+
+def test_batched_equals_one_at_a_time(tiny):
+    prompts = torch.stack([_ids(5, N), _ids(6, N), _ids(7, N)])
+    conts = [_ids(8, 3).tolist(), _ids(9, A).tolist(), _ids(10, 1).tolist()]
+    config = CONFIGS["trianglemix"]
+    batch = score_continuations(tiny, prompts, conts, config)
+    for i in range(3):
+        one = score_continuations(tiny, prompts[i:i + 1], conts[i:i + 1], config)
+        assert one.exact == batch.exact[i:i + 1]
+        assert one.nll[0] == pytest.approx(batch.nll[i], rel=1e-5)
+    assert batch.num_tokens == [3, A, 1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_tasks_hit_their_length_and_are_deterministic(tokenizer, task):
+    a = generate_task(tokenizer, task, 1024, 3, seed=0)
+    b = generate_task(tokenizer, task, 1024, 3, seed=0)
+    assert [s.prompt_ids for s in a] == [s.prompt_ids for s in b]
+    assert len({tuple(s.prompt_ids) for s in a}) == 3
+    for s in a:
+        assert len(s.prompt_ids) == 1024 - ANSWER_BUDGET_TOKENS
+        assert len(s.prompt_ids) + len(s.answer_ids) <= 1024
+        assert tokenizer.decode(s.answer_ids) == s.answer_text
+        text = tokenizer.decode(s.prompt_ids)
+        # Pieces were tokenized apart; together they are the text's own tokenization.
+        assert tokenizer.encode(text, add_special_tokens=False) == s.prompt_ids
+        key = s.answer_text.strip()
+        if task != "variable_tracking":
+            assert key in text  # the answer is in the context
