@@ -9,8 +9,8 @@ before any work is done.
    replica of a role is alive. Nothing was queued, reserved or prefilled for it.
 3. An admitted request is counted on its queues (``Ticket``) until its first token (prefill)
    and its end (decode blocks); the ticket ends exactly once on every exit path.
-4. Its measured prefill (``disagg_timing.prefill_s``) calibrates the fitted cost model's
-   prefill to the machine as it runs now (``PrefillCalibration``).
+4. The prefills the replicas measured (their reports' ``measured``) calibrate the fitted cost
+   model's prefill to the machine as it runs now (``PrefillCalibration``).
 """
 
 from __future__ import annotations
@@ -114,22 +114,20 @@ class Planner:
         """The fitted model, its prefill scaled by what served prefills measured."""
         return self.calibration.apply(self.fitted)
 
-    def observe(self, ticket: Ticket, num_prompt_tokens: int, timing: dict | None) -> None:
-        """A disaggregated request's measured prefill (``disagg_timing.prefill_s``) against
-        the fitted prediction for its pool."""
-        plan = ticket.plan
-        measured = (timing or {}).get("prefill_s")
-        if plan.prefill_pool not in self._pools or not measured:
-            return
-        _, sp, fraction = self._pools[plan.prefill_pool]
-        self.calibration.observe(
-            self.fitted.prefill_s(num_prompt_tokens, triangle_fraction=fraction, sp=sp),
-            measured)
+    def observe(self, pool: str, num_prompt_tokens: int, measured_s: float) -> None:
+        """A served prefill's measured time against the fitted prediction for its pool."""
+        if pool in self._pools:
+            _, sp, fraction = self._pools[pool]
+            self.calibration.observe(
+                self.fitted.prefill_s(num_prompt_tokens, triangle_fraction=fraction, sp=sp),
+                measured_s)
 
     def plan(self, request: EngineRequest) -> Ticket | APIError:
         """The request's plan (counted on its queues from now on), or the error to answer."""
         summary = RequestSummary(request.request_id, request.num_prompt_tokens,
                                  request.max_tokens)
+        for pool, tokens, seconds in self.book.new_prefill_measurements():
+            self.observe(pool, tokens, seconds)
         now = time.time()
         load = self.book.snapshot(now)
         outcome = route(summary, load, self.cost, self.settings)

@@ -281,8 +281,6 @@ class OpenAIIngress:
                     status = str(item.error.status)
                 if item.timing is not None:
                     builder.timing = item.timing
-                    if ticket is not None:  # the measured prefill calibrates the router
-                        self._planner.observe(ticket, builder.num_prompt_tokens, item.timing)
                 delta = processor.push(item.token, item.finish_reason if item.finished else None)
                 if item.token is not None and t_first is None:
                     t_first = time.perf_counter()

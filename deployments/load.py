@@ -44,9 +44,12 @@ def queue_from_wire(rows) -> tuple[QueuedPrefill, ...]:
                  for r, n, s in rows)
 
 
-def prefill_report(queue: ReplicaQueue, now: float) -> dict:
-    """A prefill replica's routing stats: its FIFO of prompts (the running one first)."""
-    return {"at": now, "queue": _queue_wire(queue.items())}
+def prefill_report(queue: ReplicaQueue, now: float,
+                   measured: Sequence[tuple[int, int, float]] = ()) -> dict:
+    """A prefill replica's routing stats: its FIFO of prompts (the running one first), and its
+    latest measured prefills as (sequence number, prompt tokens, seconds)."""
+    return {"at": now, "queue": _queue_wire(queue.items()),
+            "measured": [list(m) for m in measured]}
 
 
 def decode_report(*, now: float, num_free_blocks: int, num_total_blocks: int, block_size: int,
@@ -96,6 +99,7 @@ class LoadBook:
         self._prefill = InFlightLedger()
         self._local = InFlightLedger()
         self._blocks = InFlightLedger()  # num_tokens = prompt + max new tokens
+        self._measured_seen: dict[str, int] = {}  # replica -> last measurement taken
 
     def planned(self, plan: RoutePlan, request_id: str, num_prompt_tokens: int,
                 num_new_tokens: int, now: float) -> None:
@@ -119,6 +123,21 @@ class LoadBook:
         self.first_token(plan, request_id, now)
         with self._lock:
             self._blocks.finished(plan.decode_replica_id, request_id, now)
+
+    def new_prefill_measurements(self) -> list[tuple[str, int, float]]:
+        """(pool, prompt tokens, seconds) of the prefills replicas measured since last asked
+        (each replica numbers its own; a report repeats the latest few)."""
+        out = []
+        with self._lock:
+            for name, (deployment, _, _) in self._pools.items():
+                for rid, stats in _reports(deployment):
+                    seen = self._measured_seen.get(rid, 0)
+                    for seq, tokens, seconds in stats.get("measured", ()):
+                        if seq > seen:
+                            out.append((name, int(tokens), float(seconds)))
+                            self._measured_seen[rid] = max(self._measured_seen.get(rid, 0),
+                                                           seq)
+        return out
 
     def snapshot(self, now: float) -> LoadSnapshot:
         pools = []

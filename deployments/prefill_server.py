@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,6 +59,7 @@ class PrefillServer:
         # Its FIFO as the router sees it (routing stats), kept on the event loop: a report
         # never waits behind the prefill worker.
         self._queue = ReplicaQueue()
+        self._measured: deque[tuple[int, int, float]] = deque(maxlen=16)  # (seq, tokens, s)
         self._cost = cost_model_for(config, loaded.config)
         self._sp, self._triangle_fraction = settings.sp, triangle_fraction(config, loaded.config)
         self.engine = PrefillEngine(
@@ -101,6 +103,8 @@ class PrefillServer:
                     n = 0
                     self._metrics.prefill_queue_tokens.set(self._queued_tokens)
                     self._metrics.ttft_stage.observe(event.prefill_s, tags={"stage": "prefill"})
+                    seq = self._measured[-1][0] + 1 if self._measured else 1
+                    self._measured.append((seq, request.num_prompt_tokens, event.prefill_s))
                 yield event
             self._num_prefills += 1
         finally:
@@ -117,12 +121,12 @@ class PrefillServer:
     async def record_routing_stats(self) -> dict:
         """Serve's routing-stats hook: this replica's queue for the routers (on the event
         loop, where the queue is kept: no lock, no wait behind the prefill worker)."""
-        return prefill_report(self._queue, time.time())
+        return prefill_report(self._queue, time.time(), self._measured)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaling hook: seconds of queued prefill, the router's signal."""
         return {"load": queue_seconds(self._queue.items(), time.time(), self._cost,
-                                         sp=self._sp, triangle_fraction=self._triangle_fraction)}
+                                      sp=self._sp, triangle_fraction=self._triangle_fraction)}
 
     async def check_health(self) -> None:
         if self._sp_group is not None:  # a dead rank or a failed collective: replace us

@@ -38,6 +38,10 @@ class FakeReports:
             "max_num_seqs": 64, "active": [], "local_queue": []}})
         return self
 
+    def measured(self, samples) -> None:
+        load.BOARD.publish("PrefillServer", {"p0": {"at": time.time(), "queue": [],
+                                                    "measured": [list(m) for m in samples]}})
+
     def __exit__(self, *exc):
         for deployment, reports in self._saved.items():
             load.BOARD.publish(deployment, reports or {})
@@ -82,11 +86,9 @@ def test_measured_prefill_slower_than_fitted_admits_fewer():
     config = AppConfig.model_validate(args)
     planner = Planner(config, ModelConfig.from_hf_dict(RANDOM_CONFIGS["smollm2-135m"]))
     fitted = planner.fitted.prefill_s(LONG)
-    with FakeReports():
-        first = planner.plan(request(0, LONG))
-        for _ in range(40):  # served prefills took twice the fitted time
-            planner.observe(first, LONG, {"prefill_s": 2 * fitted})
-        first.end()
+    with FakeReports() as reports:
+        # The replica's report: its last prefills took twice the fitted time.
+        reports.measured([(seq, LONG, 2 * fitted) for seq in range(1, 41)])
         outcomes = [planner.plan(request(i, LONG)) for i in range(1, 30)]
     admitted = [o for o in outcomes if not isinstance(o, APIError)]
     assert len(admitted) == int(config.routing.max_queue_wait_s // (2 * fitted)) + 1
