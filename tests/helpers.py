@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -51,3 +52,33 @@ def greedy_prefix_length(scores: torch.Tensor, margin: float = 1e-3) -> int:
     top2 = scores.topk(2, dim=-1).values
     low = ((top2[:, 0] - top2[:, 1]) < margin).nonzero()
     return int(low[0]) if len(low) else scores.shape[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def own_serve_app(config, name: str):
+    """A Ray instance of this module's own (2 CPUs) serving ``build_app(config)`` on a free
+    port; yields the base URL and stops Serve and Ray after."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    assert not ray.is_initialized(), "this module starts (and stops) its own Ray instance"
+    port = free_port()
+    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name=name, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

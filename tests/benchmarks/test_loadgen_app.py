@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import pytest
+from helpers import own_serve_app
 
 from benchmarks import serve as serve_cli
 from benchmarks.loadgen.client import RequestSpec
@@ -20,33 +20,14 @@ LOCAL_PREFILL_MAX_TOKENS = 40
 MODEL = "random:tiny-llama"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url():
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
     from deployments.config import AppConfig
 
-    assert not ray.is_initialized(), "this module starts (and stops) its own Ray instance"
-    port = _free_port()
-    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
-             log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = AppConfig(model=MODEL, local_prefill_max_tokens=LOCAL_PREFILL_MAX_TOKENS,
-                           health_check_period_s=1.0)
-        serve.run(build_app(config), name="bench", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    config = AppConfig(model=MODEL, local_prefill_max_tokens=LOCAL_PREFILL_MAX_TOKENS,
+                       health_check_period_s=1.0)
+    with own_serve_app(config, "bench") as url:
+        yield url
 
 
 def test_cli_run_reports_what_the_server_streamed(app_url, tmp_path):
