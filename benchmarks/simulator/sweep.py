@@ -35,7 +35,7 @@ LOCAL_THRESHOLD = 4096  # prefill_decode_1gpu.yaml's local_prefill_max_tokens
 # typical ~16K prompt) and p99 (the 128K ones); TPOT bounds the decode side.
 SLOS = ({"name": "p50<=1s,p99<=5s", "ttft_p50_s": 1.0, "ttft_p99_s": 5.0, "tpot_p90_s": 0.05},
         {"name": "p50<=2s,p99<=15s", "ttft_p50_s": 2.0, "ttft_p99_s": 15.0, "tpot_p90_s": 0.05},
-        {"name": "p99<=60s", "ttft_p50_s": 60.0, "ttft_p99_s": 60.0, "tpot_p90_s": 0.1})
+        {"name": "p50<=3s,p99<=30s", "ttft_p50_s": 3.0, "ttft_p99_s": 30.0, "tpot_p90_s": 0.1})
 
 
 def h200_cluster(num_prefill: int, num_decode: int, sp: int = 1, link: str = "nvlink"
@@ -132,14 +132,15 @@ def cluster_study(args) -> tuple[list[dict], dict]:
 
 
 def best_per_slo(rows: list[dict]) -> list[dict]:
-    """Per cluster size and SLO: the configuration sustaining the highest arrival rate in
-    steady state (none rejected, throughput >= 95% of the arrival rate: past capacity a finite
-    run only looks fast) with TTFT p50 / p99 and TPOT p90 within the SLO."""
+    """Per cluster size and SLO: the configuration sustaining the highest arrival rate with
+    none rejected and TTFT p50 / p99 and TPOT p90 within the SLO. Every SLO bounds the median:
+    past capacity the backlog reaches every request, so p50 leaves the bound within a run
+    (a completions-over-span throughput test cannot tell: the last requests' drain weighs on
+    short runs)."""
     best = []
     for g in sorted({r["num_gpus"] for r in rows}):
         for slo in SLOS:
             ok = [r for r in rows if r["num_gpus"] == g and r["rejected"] == 0
-                  and (r["throughput_rps"] or 0.0) >= 0.95 * r["arrival_rate"]
                   and r["ttft_p99_s"] is not None and r["ttft_p50_s"] <= slo["ttft_p50_s"]
                   and r["ttft_p99_s"] <= slo["ttft_p99_s"]
                   and (r["tpot_p90_s"] or 0.0) <= slo["tpot_p90_s"]]
