@@ -176,6 +176,8 @@ class IngressSettings(ReplicaSettings):
     max_body_bytes: int | None = Field(
         None, ge=1024, description="request body limit; default admits a max-context prompt "
                                    "as token ids")
+    body_read_timeout_s: float = Field(
+        30.0, gt=0, description="a request body still arriving after this is refused (408)")
     max_tokens_limit: int | None = Field(
         4096, ge=1, description="server-side cap on generated tokens per request: more is a "
                                 "400, none asked gets at most this; None = the context's rest")

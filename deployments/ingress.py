@@ -42,6 +42,7 @@ from deployments.runtime import load_replica_model
 from disagg.errors import DisaggError, InvalidRequestError
 from disagg.openai.errors import (
     APIError,
+    body_timeout,
     from_exception,
     from_http_status,
     invalid_request,
@@ -117,18 +118,23 @@ def _is_json(content_type: str | None) -> bool:
     return (content_type or "").split(";")[0].strip().lower() == "application/json"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The body, refused (413) as soon as it passes ``limit`` bytes while it is read: a
-    chunked upload has no Content-Length to check first."""
+    chunked upload has no Content-Length to check first. A body still arriving after
+    ``timeout_s`` is a 408 (a slow sender must not hold the request open)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _Reject(too_large(limit))
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _Reject(too_large(limit))
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _Reject(too_large(limit))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _Reject(body_timeout(timeout_s)) from None
     return b"".join(chunks)
 
 
@@ -190,7 +196,8 @@ class OpenAIIngress:
         if not _is_json(request.headers.get("content-type")):
             # Also what keeps a web page's form or text/plain post out (no CORS preflight).
             raise _Reject(unsupported_media_type(request.headers.get("content-type")))
-        raw = await read_body(request, self._max_body_bytes)
+        raw = await read_body(request, self._max_body_bytes,
+                              self._config.ingress.body_read_timeout_s)
         try:
             body = schema.model_validate(decode_json_body(raw))
         except (ValidationError, InvalidRequestError) as e:

@@ -72,6 +72,11 @@ def too_large(limit: int) -> APIError:
                     "request_too_large")
 
 
+def body_timeout(timeout_s: float) -> APIError:
+    return APIError(408, f"the request body did not arrive within {timeout_s} s",
+                    "invalid_request_error", None, "request_timeout")
+
+
 def unsupported_media_type(content_type: str | None) -> APIError:
     return APIError(415, f"Content-Type must be application/json, not {content_type!r}",
                     "invalid_request_error", None, "unsupported_media_type")
