@@ -15,6 +15,7 @@ names a file for the numbers. Every wait is a liveness deadline, not a speed bou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -180,6 +181,58 @@ def _warm(app_url: str) -> None:
             assert (await _stream(client, 1)).kind == "completed"
 
     asyncio.run(main())
+
+
+SOAK_REQUESTS, SOAK_CONCURRENCY = 500, 32
+
+
+def test_soak_mixed_paths_streams_and_cancellations(app_url):
+    """500 requests at concurrency 32: short prompts (decode prefills them) and long ones
+    (disaggregated), streamed and whole, every 10th cancelled by its client mid-way. No
+    unexpected error, and every block and lease back at the end."""
+    _warm(app_url)
+    _wait_baseline()
+    outcomes: list[str] = []
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        body = {**_body(i), "max_tokens": 8, "stream": i % 2 == 0}
+        if i % 3 == 0:
+            body["prompt"] = body["prompt"][:5]  # under local_prefill_max_tokens: local path
+        if i % 10 == 9:  # the client leaves mid-way
+            task = asyncio.create_task(client.post("/v1/completions", json=body))
+            await asyncio.sleep(0.05 * (i % 7))
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await task
+            outcomes.append("cancelled")
+            return
+        r = await client.post("/v1/completions", json=body)
+        ok = r.status_code == 200 and (not body["stream"] or r.text.endswith("data: [DONE]\n\n"))
+        outcomes.append("ok" if ok else f"{r.status_code} {r.text[:200]}")
+
+    async def main():
+        sem = asyncio.Semaphore(SOAK_CONCURRENCY)
+
+        async def bounded(client, i):
+            async with sem:
+                await one(client, i)
+
+        async with httpx.AsyncClient(base_url=app_url, timeout=REQUEST_DEADLINE_S,
+                                     limits=httpx.Limits(max_connections=SOAK_CONCURRENCY)) as c:
+            await asyncio.gather(*(bounded(c, i) for i in range(SOAK_REQUESTS)))
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    seconds = time.monotonic() - t0
+    baseline_s = _wait_baseline()
+    unexpected = [o for o in outcomes if o not in ("ok", "cancelled")]
+    _results["soak"] = {"requests": SOAK_REQUESTS, "concurrency": SOAK_CONCURRENCY,
+                        "ok": outcomes.count("ok"), "cancelled": outcomes.count("cancelled"),
+                        "unexpected": len(unexpected), "seconds": round(seconds, 1),
+                        "baseline_after_s": round(baseline_s, 2)}
+    print("soak", _results["soak"])
+    assert not unexpected, unexpected[:5]
+    assert len(outcomes) == SOAK_REQUESTS
 
 
 def test_kill_prefill_under_load(app_url):
