@@ -33,7 +33,7 @@ from benchmarks.loadgen.workload import parse_lengths
 from benchmarks.simulator import costs
 
 SETUPS = {
-    # yaml, model override, prompt lengths (all above local_prefill_max_tokens), outputs
+    # yaml, model override, prompt lengths (above the fixed threshold of 49151ac), outputs
     "cpu": ("deployments/prefill_decode.yaml", "random:smollm2-135m", "uniform:300:700",
             "fixed:8"),
     "1gpu": ("deployments/prefill_decode_1gpu.yaml", None, "uniform:4096:16384", "fixed:16"),

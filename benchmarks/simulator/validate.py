@@ -5,9 +5,10 @@ bar: within 15% on the mean, 25% on p90).
 
     python -m benchmarks.simulator.validate [--results-dir benchmarks/results]
 
-The simulated cluster is the app as it ran: one prefill and one decode replica, today's fixed
-``local_prefill_max_tokens`` threshold (every validation prompt is above it, so every request
-takes the disaggregated path the policy would pick anyway). Writes
+The simulated cluster is the app as it ran (its YAML at the measured commit): one prefill and
+one decode replica, routed by that YAML's fixed ``local_prefill_max_tokens`` (the runs of
+49151ac: every prompt above it) or, for later commits, by ``disagg.routing`` with its
+``routing`` settings. Writes
 ``benchmarks/results/simulator_validation.json``.
 """
 
@@ -25,7 +26,8 @@ import yaml
 from benchmarks.common import RESULTS_DIR, add_provenance_args, print_table, write_results
 from benchmarks.simulator import costs
 from benchmarks.simulator.cluster import Cluster, ClusterSpec, PoolSpec, SimRequest
-from benchmarks.simulator.policies import RoundRobin
+from benchmarks.simulator.policies import LengthAware, RoundRobin
+from disagg.routing import RoutingSettings
 
 _GIB = 1 << 30
 MEAN_TOLERANCE, P90_TOLERANCE = 0.15, 0.25
@@ -42,15 +44,26 @@ def _app_args(yaml_path: str, commit: str) -> dict:
 
 
 def cluster_for(setup: str, calibration: costs.Calibration, commit: str
-                ) -> tuple[ClusterSpec, int]:
-    """The app of ``setup`` as a simulated cluster, and its local-prefill threshold."""
+                ) -> tuple[ClusterSpec, object]:
+    """The app of ``setup`` at ``commit`` as a simulated cluster, and its routing: the YAML's
+    fixed ``local_prefill_max_tokens`` where it has one (the app before the router), else
+    ``disagg.routing`` with the YAML's ``routing`` settings."""
     args = _app_args("deployments/prefill_decode.yaml" if setup == "cpu"
                      else "deployments/prefill_decode_1gpu.yaml", commit)
     kv_tokens = int(args["decode"]["kv_cache_gib"] * _GIB) // calibration.kv_bytes_per_token
     spec = ClusterSpec((PoolSpec("prefill", 1, 1, calibration.triangle_fraction),),
                        num_decode=1, link="object_store" if setup == "cpu" else "cuda_ipc",
                        decode_kv_tokens=kv_tokens)
-    return spec, args["local_prefill_max_tokens"]
+    threshold = args.get("local_prefill_max_tokens")
+    if threshold is not None:
+        return spec, RoundRobin(threshold)
+    routing = args.get("routing") or {}
+    settings = RoutingSettings(
+        mode=routing.get("mode", "auto"),
+        max_queue_wait_s=routing.get("max_queue_wait_s", 30.0),
+        max_decode_stall_s=routing.get("max_decode_stall_s", 1.0),
+        kv_bytes_per_token=calibration.kv_bytes_per_token, kv_backend=spec.link)
+    return spec, LengthAware(settings)
 
 
 def _requests(path: Path) -> list[dict]:
@@ -73,11 +86,11 @@ def calibration_for(setup: str, results: Path, corrected: bool = True) -> costs.
 
 def _simulate(setup: str, reqs: list[dict], calibration: costs.Calibration, commit: str,
               shared_gpu: bool = False) -> tuple[Cluster, list[SimRequest]]:
-    spec, threshold = cluster_for(setup, calibration, commit)
+    spec, policy = cluster_for(setup, calibration, commit)
     spec = replace(spec, shared_gpu=shared_gpu)
     sims = [SimRequest(i, r["scheduled_s"], r["server_prompt_tokens"] or r["prompt_tokens"],
                        r["output_tokens"]) for i, r in enumerate(reqs)]
-    cluster = Cluster(spec, calibration, RoundRobin(threshold))
+    cluster = Cluster(spec, calibration, policy)
     cluster.run(sims)
     return cluster, sims
 
