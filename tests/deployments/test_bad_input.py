@@ -139,6 +139,10 @@ CASES = [
     ("unknown-path", "POST", "/v1/engines/x/completions", json.dumps(comp()).encode(), JSON,
      404, "/v1/engines/x/completions"),
     ("unknown-get", "GET", "/admin", None, {}, 404, "/admin"),
+    # internal deployments have no public route: their methods are not reachable over HTTP
+    ("decode-generate", "POST", "/DecodeServer/generate", json.dumps(comp()).encode(), JSON,
+     404, "/DecodeServer/generate"),
+    ("prefill-stats", "GET", "/PrefillServer/stats", None, {}, 404, "/PrefillServer/stats"),
 ]
 
 
