@@ -172,13 +172,13 @@ def run_select(args, device) -> None:
     dense_layers = [i for i in range(model.config.num_layers)
                     if i not in PUBLISHED_TRIANGLE_LAYERS["smollm2-135m"]]
     layers = args.layers or dense_layers
-    rows = []
+    rows: list[dict] = []
+    extra = {"model": "smollm2-135m-instruct", "layers": layers, "block_size": BLOCK,
+             "prompts_per_task": args.prompts}
     for length in args.lengths:
-        prompts = _prompts(tokenizer, length, args.prompts, args.tasks)
         acc: dict[tuple, list] = {}
-        for task, ids in prompts:
-            qk = _capture(model, ids, layers, device)
-            for q, k in qk.values():
+        for task, ids in _prompts(tokenizer, length, args.prompts, args.tasks):
+            for q, k in _capture(model, ids, layers, device).values():
                 mass = exact_block_mass(q, k, model.scale)
                 nb = mass.shape[1]
                 scores = antidiagonal_block_scores(q, k, block_size=BLOCK, stride=16)
@@ -192,15 +192,14 @@ def run_select(args, device) -> None:
                     keep = vertical_slash_blocks(q, k, model.scale, nc, nd)
                     acc.setdefault(("vertical_slash", f"columns={nc},diagonals={nd}"),
                                    []).append(_recall_density(mass, keep))
-            print(f"{task} {length}: {len(qk)} layers", flush=True)
-        for (method, setting), vals in acc.items():
-            rows.append({"context_tokens": length, "method": method, "setting": setting,
-                         "recall": statistics.mean(v[0] for v in vals),
-                         "density": statistics.mean(v[1] for v in vals),
-                         "n_layer_prompts": len(vals)})
-    write_results("dynamic_sparse_select", rows, commit=args.commit, dirty=args.dirty,
-                  out=args.out, extra={"model": "smollm2-135m-instruct", "layers": layers,
-                                       "block_size": BLOCK, "prompts_per_task": args.prompts})
+            print(f"{task} {length}: {len(layers)} layers", flush=True)
+            done = [r for r in rows if r["context_tokens"] != length]
+            rows = done + [{"context_tokens": length, "method": method, "setting": setting,
+                            "recall": statistics.mean(v[0] for v in vals),
+                            "density": statistics.mean(v[1] for v in vals),
+                            "n_layer_prompts": len(vals)} for (method, setting), vals in acc.items()]
+            write_results("dynamic_sparse_select", rows, commit=args.commit, dirty=args.dirty,
+                          out=args.out, extra=extra)
     print_table(rows, ["context_tokens", "method", "setting", "recall", "density"])
 
 

@@ -123,3 +123,15 @@ def test_tasks_hit_their_length_and_are_deterministic(tokenizer, task):
         key = s.answer_text.strip()
         if task != "variable_tracking":
             assert key in text  # the answer is in the context
+
+
+def test_dynamic_sparsity_is_opt_in_and_composes_per_layer():
+    plain = TriangleMixConfig((1, 3), SMALL)
+    assert plain.dynamic is None and "dynamic" not in plain.tag
+    assert [plain.kind(i, 4096).value for i in range(4)] == ["dense", "triangle", "dense",
+                                                             "triangle"]
+    mixed = CONFIGS["trianglemix+dynamic"]
+    assert [mixed.kind(i, 64).value for i in range(4)] == ["dynamic", "triangle", "dynamic",
+                                                           "triangle"]
+    assert mixed.kind(0, 31).value == "dense"  # below min_tokens the dense layers stay dense
+    assert "dynamic(block=16,stride=4,threshold=0.5)" in mixed.tag
