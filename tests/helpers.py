@@ -82,3 +82,20 @@ def own_serve_app(config, name: str):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+class LogitsCapture:
+    """The model as the engine sees it, keeping the logits the engine computes."""
+
+    def __init__(self, model):
+        self.model, self.config, self.scale, self.logits = model, model.config, model.scale, None
+
+    def __call__(self, *args):
+        return self.model(*args)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def compute_logits(self, hidden):
+        self.logits = self.model.compute_logits(hidden)
+        return self.logits

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from disagg_kernels.triangle_mix import TriangleParams
-from helpers import random_model, rel_err_max
+from helpers import LogitsCapture, random_model, rel_err_max
 
 from disagg.attention.triangle import TriangleMixConfig
 from disagg.kv.layout import PackedKV
@@ -59,23 +59,6 @@ def request_for(n: int) -> EngineRequest:
     ids = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     return EngineRequest.create(f"r{n}", ids, SamplingParams(temperature=0.0, max_tokens=2),
                                 vocab_size=512, context=4096)
-
-
-class LogitsCapture:
-    """The model as the engine sees it, keeping the logits the engine computes."""
-
-    def __init__(self, model):
-        self.model, self.config, self.scale, self.logits = model, model.config, model.scale, None
-
-    def __call__(self, *args):
-        return self.model(*args)
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def compute_logits(self, hidden):
-        self.logits = self.model.compute_logits(hidden)
-        return self.logits
 
 
 def _rank_main(rank, world, port, pools, logits, outcomes):

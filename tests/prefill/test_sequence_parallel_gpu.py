@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from disagg_kernels.triangle_mix import masked_attention_reference
+from helpers import LogitsCapture
 
 from benchmarks.sp_collectives import ThreadGroup
 from disagg.attention.partial import attention_with_lse
@@ -42,21 +43,6 @@ def test_cuda_pieces_with_lse_match_the_fp32_reference(num_q, num_k, causal):
     assert out.shape == q.shape and lse.shape == (32, num_q) and lse.dtype == torch.float32
     assert rel_rms(out, ref) < 5e-3
     assert float((lse - ref_lse).abs().max()) < 2e-2  # natural log, like the merge expects
-
-
-class LogitsCapture:
-    def __init__(self, model):
-        self.model, self.config, self.scale, self.logits = model, model.config, model.scale, None
-
-    def __call__(self, *args):
-        return self.model(*args)
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def compute_logits(self, hidden):
-        self.logits = self.model.compute_logits(hidden)
-        return self.logits
 
 
 @pytest.mark.parametrize("world", [2, 3])
