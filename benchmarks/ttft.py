@@ -19,6 +19,7 @@ Results: ``benchmarks/results/ttft.json``, written after every point.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import torch
 from disagg_kernels.triangle_mix import num_kept_pairs
 
 from benchmarks.common import add_provenance_args, print_table, unshared_state_dict, write_results
+from disagg.attention import dense_backends
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
@@ -170,6 +172,7 @@ def startup_checks(engines: dict[str, PrefillEngine], config, context: int) -> d
     """warm_up_prefill of each engine, then the first and second 32K TriangleMix prefills after
     it (the first must be no slower), then the fused-op timings."""
     warmup = {mode: warm_up_prefill(e) for mode, e in engines.items()}
+    tuned = warmup["dense"].dense_kernels
     first_n = min(32768, context - 1)
     req = _request(first_n, config.vocab_size, context)
     first_s = [_wall(engines["trianglemix"].prefill, req) for _ in range(2)]
@@ -181,10 +184,17 @@ def startup_checks(engines: dict[str, PrefillEngine], config, context: int) -> d
     return {
         "warmup_s": {m: round(w.seconds, 2) for m, w in warmup.items()},
         "warmup_prompt_lengths": {m: list(w.prompt_lengths) for m, w in warmup.items()},
+        "dense_kernels": dense_kernel_rows(tuned),
         "first_after_warmup": {"context_tokens": first_n, "first_s": first_s[0],
                                "second_s": first_s[1]},
         "fused_ops_ms": ops,
     }
+
+
+def dense_kernel_rows(timings) -> list[dict]:
+    """The warm-up's measured choice of dense-attention kernel per length bucket."""
+    return [{"bucket": t.key.bucket, "tokens": t.tokens, "winner": t.winner,
+             "ms": {k: round(s * 1e3, 3) for k, s in t.seconds.items()}} for t in timings]
 
 
 def model_flops(config, n: int, triangle_layers: int, params) -> float:
@@ -223,10 +233,15 @@ def main() -> None:
     hf = None if args.no_transformers else build_transformers(model, source)
     weights_gib = torch.cuda.memory_allocated() / 2**30
 
-    extra = {"model": source.name, "dtype": "bfloat16", "weights_gib": round(weights_gib, 2)}
+    extra = {"model": source.name, "dtype": "bfloat16", "weights_gib": round(weights_gib, 2),
+             "dense_attention": os.environ.get(dense_backends.ENV_VAR, "auto"),
+             "fa4_available": dense_backends.fa4_available()}
     if not args.no_startup:
         extra.update(startup_checks(engines, config, context))
-
+    else:
+        extra["dense_kernels"] = dense_kernel_rows(dense_backends.tune_causal(
+            torch.device("cuda"), num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim, dtype=torch.bfloat16, max_tokens=max(args.lengths)))
 
     rows = []
     for n in args.lengths:  # in the order given: the session script runs the targets first

@@ -1,9 +1,9 @@
 """Dense causal attention over absolute positions, through torch's SDPA.
 
-A whole causal square (a prefill's dense layers) runs on cuDNN by explicit choice, measured
-the fastest dense kernel on the H200 (545-600 TFLOP/s causal; FA2 1.7x slower), with torch's
-other backends after it as fallbacks (fp32, shapes cuDNN refuses). A query range against a
-longer key range (decode rows, chunks) needs a mask or lower-right causality: cuDNN runs
+A whole causal square (a prefill's dense layers) on CUDA runs on the kernel that
+``dense_backends`` measured fastest for its shape: cuDNN by explicit choice (545-600 TFLOP/s
+causal on the H200; FA2 1.7x slower) or FlashAttention-4 where it is installed and faster.
+A query range against a longer key range (decode rows, chunks) needs a mask or lower-right causality: cuDNN runs
 those without tile skipping and rebuilds plans when the mask's shape changes, so they keep
 torch's default choice. Grouped-query attention is native (``enable_gqa``): K/V are never
 repeated to all query heads. On CPU SDPA runs its math kernel.
@@ -13,16 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# Priority order for a causal square on CUDA (set per call: the setting is process-wide, and
-# every backend stays enabled, so a concurrent call elsewhere only sees a different order).
-CAUSAL_PREFILL_BACKENDS = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
+from disagg.attention.dense_backends import causal_square
 
 
 def dense_attention(
@@ -40,9 +32,13 @@ def dense_attention(
     keys at ``k_start ..``. Key j is visible to query i iff j <= i. Returns ``[Tq, Hq, D]``.
     """
     num_q, num_k = q.shape[0], k.shape[0]
+    square = q_start == k_start and num_q == num_k and num_q > 1
+    if square and q.is_cuda:
+        return causal_square(q, k, v, scale)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    if q_start == k_start and num_q == num_k and num_q > 1:
-        return _causal_square(qh, kh, vh, scale).squeeze(0).transpose(0, 1)
+    if square:
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                              enable_gqa=True).squeeze(0).transpose(0, 1)
     mask = None
     if q_start < k_start + num_k - 1:
         q_pos = torch.arange(q_start, q_start + num_q, device=q.device)
@@ -51,12 +47,3 @@ def dense_attention(
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
 
-
-def _causal_square(qh, kh, vh, scale: float | None) -> torch.Tensor:
-    """``[1, H, T, D]`` causal self-attention (queries and keys at the same positions)."""
-    if not qh.is_cuda:
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                              enable_gqa=True)
-    with sdpa_kernel(CAUSAL_PREFILL_BACKENDS, set_priority=True):
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                              enable_gqa=True)

@@ -1,6 +1,9 @@
 """Warm-up of a prefill engine: compile every kernel a served prefill runs, before ready.
 
 Life of a warm-up (``warm_up_prefill``, called once by the server before it reports ready):
+0. On CUDA, ``dense_backends.tune_causal`` times cuDNN against FlashAttention-4 (when it
+   imports) per length bucket of the dense causal square and keeps the faster; FA4 compiles
+   its kernel there.
 1. A short dense prefill: cuBLAS handles, cuDNN attention, the fused norm / RoPE / SiLU
    kernels (their row counts are not specialized, so one length compiles them for all).
 2. With TriangleMix on CUDA, one prefill per Triton *specialization class* of the Triangle
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from disagg.attention.dense_backends import Timing, tune_causal
 from disagg.prefill.engine import PrefillEngine
 from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
@@ -32,16 +36,23 @@ class WarmupReport:
 
     prompt_lengths: tuple[int, ...]
     seconds: float
+    dense_kernels: tuple[Timing, ...] = ()
 
 
 def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
     """Run the prefills that compile every kernel ``engine`` will run (see the module doc)."""
     t0 = time.perf_counter()
-    context = engine.model.config.max_context_tokens
+    config = engine.model.config
+    context = config.max_context_tokens
+    dense_kernels = ()
+    if engine.device.type == "cuda":
+        dense_kernels = tuple(tune_causal(
+            engine.device, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim, dtype=engine.layout.dtype, max_tokens=context - 1))
     lengths = [min(DENSE_WARMUP_TOKENS, context - 1)]
     if engine.device.type == "cuda" and engine.trianglemix is not None:
         lengths += triangle_warmup_lengths(engine, max_tokens=context - 1)
-    vocab = engine.model.config.vocab_size
+    vocab = config.vocab_size
     for n in lengths:
         ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         request = EngineRequest.create(f"warmup-{n}", ids,
@@ -50,7 +61,7 @@ def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
         engine.prefill(request)
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
-    return WarmupReport(tuple(lengths), time.perf_counter() - t0)
+    return WarmupReport(tuple(lengths), time.perf_counter() - t0, dense_kernels)
 
 
 def triangle_warmup_lengths(engine: PrefillEngine, *, max_tokens: int) -> list[int]:

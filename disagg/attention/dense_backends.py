@@ -1,0 +1,177 @@
+"""Which kernel runs a prefill's dense causal square on CUDA: cuDNN (through torch's SDPA) or
+FlashAttention-4 (``flash-attn-4``, CuTe DSL; an optional package), chosen per shape by
+measurement.
+
+Life of a choice:
+1. At import every shape runs on cuDNN, the fastest kernel torch ships (no optional package).
+2. ``tune_causal`` (the prefill warm-up calls it on CUDA when FA4 imports) times both kernels
+   once per length bucket (powers of two) on random inputs of the model's head layout and
+   records the faster one; FA4's JIT compilation happens there, before the replica is ready.
+3. ``causal_square`` runs a tuned bucket's winner; an untuned bucket runs cuDNN.
+``DISAGG_DENSE_ATTENTION=cudnn|fa4`` forces one kernel for every shape (benchmarks, tests);
+``auto`` (the default) is the measured choice. A forced ``fa4`` without the package is an error.
+Tensors are ``[T, H, D]`` (token-major, the model's layout): FA4 takes them as they are, cuDNN
+through a transposed view.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from disagg.errors import DisaggError
+
+# Priority order for a causal square on cuDNN's side (set per call: the setting is process-wide,
+# and every backend stays enabled, so a concurrent call elsewhere only sees a different order).
+CAUSAL_PREFILL_BACKENDS = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+KERNELS = ("cudnn", "fa4")
+ENV_VAR = "DISAGG_DENSE_ATTENTION"
+MIN_TUNED_TOKENS = 4096  # below this the square is milliseconds: cuDNN, untuned
+
+
+class DenseBackendError(DisaggError):
+    """A dense-attention kernel was asked for that this process cannot run."""
+
+
+@dataclass(frozen=True)
+class ShapeKey:
+    """What a choice is keyed by: the length bucket and the head layout."""
+
+    bucket: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One tuning measurement: seconds per call of each kernel at ``tokens`` tokens."""
+
+    key: ShapeKey
+    tokens: int
+    seconds: dict[str, float]
+    winner: str
+
+
+_CHOICES: dict[ShapeKey, str] = {}
+
+
+def bucket(num_tokens: int) -> int:
+    """The power of two at or above ``num_tokens`` (the length bucket of a choice)."""
+    return 1 << max(num_tokens - 1, 1).bit_length()
+
+
+def _key(q: torch.Tensor, k: torch.Tensor) -> ShapeKey:
+    return ShapeKey(bucket(q.shape[0]), q.shape[1], k.shape[1], q.shape[2], q.dtype)
+
+
+@functools.cache
+def _fa4():
+    """FA4's forward, or None when the package (or its CUDA libraries) does not import."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception:  # noqa: BLE001 - any import failure means "not available here"
+        return None
+    return flash_attn_func
+
+
+def fa4_available() -> bool:
+    return _fa4() is not None
+
+
+def forced_kernel() -> str | None:
+    """The kernel ``DISAGG_DENSE_ATTENTION`` forces, or None for the measured choice."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value == "auto":
+        return None
+    if value not in KERNELS:
+        raise DenseBackendError(f"{ENV_VAR}={value!r}: expected auto, {', '.join(KERNELS)}")
+    if value == "fa4" and not fa4_available():
+        raise DenseBackendError(f"{ENV_VAR}=fa4 but flash_attn.cute does not import")
+    return value
+
+
+def kernel_for(q: torch.Tensor, k: torch.Tensor) -> str:
+    """The kernel a causal square of these shapes runs on now."""
+    return forced_kernel() or _CHOICES.get(_key(q, k), "cudnn")
+
+
+def causal_square(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                  kernel: str | None = None) -> torch.Tensor:
+    """Causal self-attention of ``[T, H, D]`` CUDA tensors (queries and keys at the same
+    positions, grouped-query K/V ``[T, Hkv, D]``); returns ``[T, Hq, D]``."""
+    kernel = kernel or kernel_for(q, k)
+    if kernel == "fa4":
+        out = _fa4()(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), softmax_scale=scale,
+                     causal=True)
+        return (out[0] if isinstance(out, tuple) else out).squeeze(0)
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    with sdpa_kernel(CAUSAL_PREFILL_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                             enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def time_call(fn, *args, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn(*args)`` after one warm call (CUDA events)."""
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                dtype: torch.dtype, max_tokens: int, repeats: int = 3,
+                kernels: Iterable[str] = KERNELS) -> list[Timing]:
+    """Time every kernel at each bucket from ``MIN_TUNED_TOKENS`` to ``max_tokens`` and record
+    the faster; returns the measurements (nothing is tuned when FA4 does not import)."""
+    kernels = [k for k in kernels if k != "fa4" or fa4_available()]
+    if len(kernels) < 2 or device.type != "cuda":
+        return []
+    timings = []
+    n = MIN_TUNED_TOKENS
+    while True:
+        tokens = min(n, max_tokens)
+        gen = torch.Generator(device=device).manual_seed(tokens)
+        q = torch.randn(tokens, num_heads, head_dim, device=device, dtype=dtype, generator=gen)
+        k = torch.randn(tokens, num_kv_heads, head_dim, device=device, dtype=dtype,
+                        generator=gen)
+        v = torch.randn_like(k)
+        seconds = {name: time_call(causal_square, q, k, v, None, name, repeats=repeats)
+                   for name in kernels}
+        key = _key(q, k)
+        winner = min(seconds, key=seconds.get)
+        _CHOICES[key] = winner
+        timings.append(Timing(key, tokens, seconds, winner))
+        if tokens >= max_tokens:
+            break
+        n *= 2
+    return timings
+
+
+def reset_choices() -> None:
+    """Forget every tuned choice (tests)."""
+    _CHOICES.clear()
+
+
+def choices() -> dict[ShapeKey, str]:
+    return dict(_CHOICES)
+

@@ -1,0 +1,72 @@
+"""The dense-attention kernel choice (``disagg.attention.dense_backends``) on CPU: buckets,
+the forcing variable, the untuned default, and that CPU attention never consults it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from disagg.attention import dense_backends as db
+from disagg.attention.dense import dense_attention
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    monkeypatch.delenv(db.ENV_VAR, raising=False)
+    db.reset_choices()
+    yield
+    db.reset_choices()
+
+
+@pytest.mark.parametrize("n, expected", [(1, 2), (2, 2), (4095, 4096), (4096, 4096),
+                                         (4097, 8192), (131071, 131072)])
+def test_bucket_is_the_power_of_two_at_or_above(n, expected):
+    assert db.bucket(n) == expected
+
+
+def test_untuned_shapes_run_cudnn():
+    q, k = torch.zeros(8192, 32, 128), torch.zeros(8192, 8, 128)
+    assert db.kernel_for(q, k) == "cudnn"
+
+
+def test_a_tuned_choice_applies_to_its_bucket_and_head_layout_only():
+    q, k = torch.zeros(5000, 32, 128), torch.zeros(5000, 8, 128)
+    db._CHOICES[db.ShapeKey(8192, 32, 8, 128, torch.float32)] = "fa4"
+    assert db.kernel_for(q, k) == "fa4"
+    assert db.kernel_for(q[:4000], k[:4000]) == "cudnn"  # bucket 4096
+    assert db.kernel_for(q[:, :16], k) == "cudnn"  # other head count
+    assert db.kernel_for(q.bfloat16(), k.bfloat16()) == "cudnn"  # other dtype
+
+
+def test_the_variable_forces_a_kernel(monkeypatch):
+    q, k = torch.zeros(5000, 32, 128), torch.zeros(5000, 8, 128)
+    db._CHOICES[db.ShapeKey(8192, 32, 8, 128, torch.float32)] = "fa4"
+    monkeypatch.setenv(db.ENV_VAR, "cudnn")
+    assert db.kernel_for(q, k) == "cudnn"
+    monkeypatch.setenv(db.ENV_VAR, "flash")
+    with pytest.raises(db.DenseBackendError, match="expected auto"):
+        db.kernel_for(q, k)
+
+
+def test_forcing_fa4_without_the_package_is_an_error(monkeypatch):
+    monkeypatch.setattr(db, "fa4_available", lambda: False)
+    monkeypatch.setenv(db.ENV_VAR, "fa4")
+    with pytest.raises(db.DenseBackendError, match="does not import"):
+        db.forced_kernel()
+
+
+def test_tuning_on_cpu_measures_nothing():
+    timings = db.tune_causal(torch.device("cpu"), num_heads=4, num_kv_heads=2, head_dim=16,
+                             dtype=torch.float32, max_tokens=8192)
+    assert timings == [] and db.choices() == {}
+
+
+def test_cpu_causal_square_is_sdpa_whatever_is_chosen(monkeypatch):
+    monkeypatch.setenv(db.ENV_VAR, "cudnn")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(64, 4, 16, generator=gen)
+    k, v = torch.randn(64, 2, 16, generator=gen), torch.randn(64, 2, 16, generator=gen)
+    kh, vh = (x.transpose(0, 1).repeat_interleave(2, dim=0) for x in (k, v))
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), kh, vh, is_causal=True)
+    torch.testing.assert_close(dense_attention(q, k, v, q_start=0), ref.transpose(0, 1))
