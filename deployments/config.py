@@ -124,6 +124,9 @@ class PrefillSettings(ReplicaSettings):
                                                    "waits to be copied by decode")
     max_leased_gib: float = Field(4.0, gt=0, description="refuse prompts while un-pulled KV "
                                                          "exceeds this (GiB)")
+    lease_call_timeout_s: float = Field(
+        30.0, gt=0, description="deadline of each call to the KV lease keeper (publish a "
+                                "lease, count leases); one that does not answer fails the call")
     sp: int = Field(1, ge=1, description="sequence-parallel degree: ranks (GPUs, or CPU "
                                          "processes) of one replica's SP group")
     whole_node: bool = Field(
@@ -155,7 +158,9 @@ class DecodeSettings(ReplicaSettings):
     max_num_seqs: int = Field(64, ge=1, description="most sequences decoded together")
     remote_kv_timeout_s: float = Field(
         300.0, gt=0, description="deadline of a disaggregated request from block reservation "
-                                 "until its KV is usable (its KV destination expires with it)")
+                                 "until its KV is usable (its KV destination expires with it); "
+                                 "token 0 from prefill, then the completion record, each wait "
+                                 "at most this too")
     cancel_grace_s: float = Field(
         10.0, gt=0, description="rows of a request cancelled mid-prefill stay fenced this long "
                                 "(a cancelled prefill stops writing at its next layer)")

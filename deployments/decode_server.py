@@ -99,6 +99,7 @@ class DecodeServer:
         loaded = load_replica_model(config, num_cpus=settings.num_cpus, num_gpus=settings.num_gpus)
         self._metrics = Metrics()
         self._handoff = HandoffConfig(kv_complete_timeout_s=settings.remote_kv_timeout_s,
+                                      first_token_timeout_s=settings.remote_kv_timeout_s,
                                       cancel_grace_s=settings.cancel_grace_s,
                                       on_kv_failure=settings.on_kv_failure)
         receivers = build_receivers(config, replica_device(config, settings.num_gpus))

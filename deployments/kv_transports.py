@@ -46,7 +46,9 @@ def build_senders(config: AppConfig, device: torch.device) -> tuple[KVSender, ..
         if name == CUDA_IPC:
             senders.append(DirectKVSender(CUDA_IPC, node_id()))
         elif name == OBJECT_STORE:
-            senders.append(RayObjectStoreKVSender(lease_s=config.prefill.lease_s))
+            senders.append(RayObjectStoreKVSender(
+                lease_s=config.prefill.lease_s,
+                call_timeout_s=config.prefill.lease_call_timeout_s))
         else:
             from disagg.transport.torch_dist import TorchDistKVSender
 

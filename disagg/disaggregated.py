@@ -112,7 +112,8 @@ class HandoffTiming:
 class HandoffConfig:
     """Deadlines of the hand-off, and what a failed one does."""
 
-    kv_complete_timeout_s: float = 300.0  # token 0 -> completion record
+    kv_complete_timeout_s: float = 300.0  # token 0 -> completion record (and stream end)
+    first_token_timeout_s: float = 300.0  # prefill call -> token 0 (a prefill that hangs)
     cancel_grace_s: float = 10.0  # a cancelled prefill writes at most this long after
     on_kv_failure: str = "error"  # "error": end the request; "local_prefill": decode recomputes
 
@@ -133,7 +134,11 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
         offers = await decode.reserve(request)
         reserved_s = time.perf_counter() - t0
         events = _PrefillStream(prefill.prefill(request, offers))
-        first = await events.next()
+        try:
+            first = await asyncio.wait_for(events.next(), config.first_token_timeout_s)
+        except TimeoutError as e:
+            raise KVTransferError(f"no token 0 from prefill for {rid!r} within "
+                                  f"{config.first_token_timeout_s} s") from e
         if not isinstance(first, FirstToken):
             raise KVTransferError(f"prefill of {rid!r} sent {type(first).__name__} first")
         timing.queue_s, timing.prefill_s = reserved_s + first.queue_s, first.prefill_s
@@ -141,7 +146,7 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
         yield TokenOutput(rid, first.token, first.finish_reason is not None,
                           first.finish_reason)
         if first.finish_reason is not None:
-            await events.expect_end()
+            await _bounded(events.expect_end(), config.kv_complete_timeout_s, rid)
             return
         try:
             completion = await _completion(events, config.kv_complete_timeout_s, rid)
@@ -187,8 +192,17 @@ async def _completion(events: _PrefillStream, timeout_s: float, rid: str) -> KVC
     if not isinstance(completion, KVCompletion):
         raise KVTransferError(f"prefill of {rid!r} sent {type(completion).__name__}, not the "
                               "KV completion")
-    await events.expect_end()
+    await _bounded(events.expect_end(), timeout_s, rid)
     return completion
+
+
+async def _bounded(end, timeout_s: float, rid: str) -> None:
+    """The prefill stream's end (it follows its last event at once), under a deadline."""
+    try:
+        await asyncio.wait_for(end, timeout_s)
+    except TimeoutError as e:
+        raise KVTransferError(f"the prefill stream of {rid!r} did not end within {timeout_s} s "
+                              "of its last event") from e
 
 
 class _PrefillStream:

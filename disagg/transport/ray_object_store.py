@@ -98,8 +98,9 @@ class ObjectStoreKVWriter:
     """Stages and puts one request's layers while prefill runs on."""
 
     def __init__(self, destination: KVDestination, keeper, executor: ThreadPoolExecutor, *,
-                 num_layers: int, lease_s: float):
+                 num_layers: int, lease_s: float, call_timeout_s: float = 30.0):
         self.destination = destination
+        self._call_timeout_s = call_timeout_s
         self._keeper = keeper
         self._executor = executor
         self._num_layers = num_layers
@@ -137,7 +138,8 @@ class ObjectStoreKVWriter:
         refs = [f.result() for f in self._puts]
         if self._aborted.is_set() or len(refs) != self._num_layers or None in refs:
             raise KVTransferAborted(f"KV of {header.request_id!r} was aborted or is incomplete")
-        ray.get(self._keeper.hold.remote(header.request_id, refs, self._bytes, self._lease_s))
+        ray.get(self._keeper.hold.remote(header.request_id, refs, self._bytes, self._lease_s),
+                timeout=self._call_timeout_s)  # GetTimeoutError: the keeper does not answer
         return KVCompletion(header, BACKEND, self._bytes, self._num_layers,
                             time.perf_counter() - t0,
                             RayKVRef(refs, self._keeper, self.destination.runs))
@@ -153,10 +155,11 @@ class RayObjectStoreKVSender:
 
     backend = BACKEND
 
-    def __init__(self, lease_s: float = 60.0):
+    def __init__(self, lease_s: float = 60.0, call_timeout_s: float = 30.0):
         self._keeper = LeaseKeeper.remote()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-put")
         self._lease_s = lease_s
+        self._call_timeout_s = call_timeout_s  # each call to the keeper
 
     def accepts(self, destination: KVDestination) -> bool:
         return destination.backend == BACKEND  # the object store reaches every node
@@ -165,11 +168,12 @@ class RayObjectStoreKVSender:
         if destination.backend != BACKEND:
             raise ValueError(f"destination of backend {destination.backend!r} given to {BACKEND}")
         return ObjectStoreKVWriter(destination, self._keeper, self._executor,
-                                   num_layers=num_layers, lease_s=self._lease_s)
+                                   num_layers=num_layers, lease_s=self._lease_s,
+                                   call_timeout_s=self._call_timeout_s)
 
     def leased(self) -> tuple[int, int]:
         """(leases held, bytes they hold) -- KV published and not yet copied by decode."""
-        return ray.get(self._keeper.stats.remote())
+        return ray.get(self._keeper.stats.remote(), timeout=self._call_timeout_s)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -245,7 +249,9 @@ class RayObjectStoreKVReceiver:
             else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for part in locator:
-                layers = ray.get(part.refs)  # local already: zero-copy views of the objects
+                # Local already (zero-copy views of the objects); bounded by the pull deadline
+                # should one be lost meanwhile (GetTimeoutError: the pull FAILED).
+                layers = ray.get(part.refs, timeout=max(1.0, dest.expires_at - self._clock()))
                 for layer, (k, v) in enumerate(layers):
                     if aborted.is_set():
                         raise KVTransferAborted(f"KV of {dest.request_id!r} released mid-copy")

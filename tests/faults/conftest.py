@@ -1,0 +1,60 @@
+"""One Serve app for the CI fault tests (an app start costs ~30 s on 2 cores): the real app on
+``random:tiny-llama`` (every prompt of 8+ tokens disaggregated), its DecodeServer the test
+fake ``StalledPullDecodeServer`` (fault_fakes.py: pulls of one prompt length stall, all others
+are the real thing), with a short pull deadline so that a stalled pull fails within seconds.
+
+It runs on the Ray instance already up (``make test``: the deployments tests keep theirs for
+the session), under ``/faults-ci``, reserving little CPU next to the app there; or on one of
+its own. The slow fault tests (test_kill_replicas.py) start their own Ray instance.
+"""
+
+from __future__ import annotations
+
+import pytest
+from faultlib import MODEL, PULL_DEADLINE_S
+from helpers import free_port
+
+APP = "faults-ci"
+
+
+@pytest.fixture(scope="session")
+def fault_app(pytestconfig):
+    import fault_fakes
+    import ray
+    import ray.cloudpickle
+    from ray import serve
+
+    import deployments.app
+    from deployments.app import build_app
+    from deployments.config import AppConfig
+    from deployments.decode_server import DecodeServer
+
+    own = not ray.is_initialized()
+    if own:
+        port = free_port()
+        ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
+                 log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    else:
+        from ray.serve.context import _get_global_client
+
+        port = _get_global_client().http_config.port
+    ray.cloudpickle.register_pickle_by_value(fault_fakes)  # replicas cannot import tests/
+    config = AppConfig.model_validate({
+        "model": MODEL, "local_prefill_max_tokens": 8, "health_check_period_s": 1.0,
+        "prefill": {"num_cpus": 0.2}, "ingress": {"num_cpus": 0.1},
+        "decode": {"num_cpus": 0.2, "remote_kv_timeout_s": PULL_DEADLINE_S}})
+    mp = pytest.MonkeyPatch()
+    mp.setattr(deployments.app, "DecodeServer",
+               DecodeServer.options(func_or_class=fault_fakes.StalledPullDecodeServer))
+    try:
+        serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
+    finally:
+        mp.undo()
+    try:
+        yield f"http://127.0.0.1:{port}/{APP}", APP
+    finally:
+        serve.delete(APP)
+        if own:
+            serve.shutdown()
+            ray.shutdown()
