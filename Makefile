@@ -9,7 +9,7 @@ TORCH_CONSTRAINTS ?= constraints/cpu.txt
 PROMPT ?= The three primary colors are
 MAX_TOKENS ?= 64
 
-.PHONY: setup model serve generate test lint clean cluster-local cluster-local-stop
+.PHONY: setup model serve generate test test-slow lint clean cluster-local cluster-local-stop
 
 $(VENV)/.installed: pyproject.toml $(TORCH_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ generate: model
 test: model
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The tests marked slow (fault injection under load, SP app, autoscaling...), left out of
+# `make test`. Two processes: tests/faults starts a Ray instance of its own, the deployments
+# tests keep theirs for the whole session. DISAGG_FAULTS_JSON=... records the fault numbers.
+test-slow: model
+	$(PY) -m pytest -q -m 'slow and not gpu and not multi_gpu' tests/faults
+	$(PY) -m pytest -q -m 'slow and not gpu and not multi_gpu' --ignore=tests/faults
 
 lint: setup
 	$(PY) -m ruff check .

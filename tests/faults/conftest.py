@@ -6,12 +6,16 @@ are the real thing), with a short pull deadline so that a stalled pull fails wit
 It runs on the Ray instance already up (``make test``: the deployments tests keep theirs for
 the session), under ``/faults-ci``, reserving little CPU next to the app there; or on one of
 its own. The slow fault tests (test_kill_replicas.py) start their own Ray instance.
+``DISAGG_FAULTS_CI_JSON`` names a file for the numbers the tests record.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
-from faultlib import MODEL, PULL_DEADLINE_S
+from faultlib import MODEL, PULL_DEADLINE_S, RESULTS
 from helpers import free_port
 
 APP = "faults-ci"
@@ -58,3 +62,10 @@ def fault_app(pytestconfig):
         if own:
             serve.shutdown()
             ray.shutdown()
+        path = os.environ.get("DISAGG_FAULTS_CI_JSON")
+        if path and RESULTS:
+            from benchmarks.common import write_results
+
+            write_results("faults_ci_cpu", [{"test": k, **v} for k, v in RESULTS.items()],
+                          out=Path(path), extra={"model": MODEL,
+                                                 "pull_deadline_s": PULL_DEADLINE_S})

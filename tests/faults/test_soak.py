@@ -7,8 +7,9 @@ before a lease would expire: cancellations free their work, the lease clock does
 from __future__ import annotations
 
 import asyncio
+import time
 
-from faultlib import soak, stats, wait_baseline
+from faultlib import RESULTS, soak, stats, wait_baseline
 
 from deployments.config import PrefillSettings
 
@@ -20,12 +21,19 @@ def test_soak_500_at_concurrency_32(fault_app):
     url, app = fault_app
     wait_baseline(app)
     _, prefill_before = stats(app)
+    t0 = time.monotonic()
     outcomes = asyncio.run(soak(url, NUM_REQUESTS, CONCURRENCY, REQUEST_DEADLINE_S))
+    seconds = time.monotonic() - t0
     unexpected = [o for o in outcomes if o not in ("ok", "cancelled")]
     assert not unexpected, unexpected[:5]
     assert len(outcomes) == NUM_REQUESTS
     assert outcomes.count("cancelled") == NUM_REQUESTS // 10
-    wait_baseline(app, deadline_s=PrefillSettings().lease_s / 2)
+    baseline_s = wait_baseline(app, deadline_s=PrefillSettings().lease_s / 2)
+    RESULTS["soak"] = {"requests": NUM_REQUESTS, "concurrency": CONCURRENCY,
+                       "ok": outcomes.count("ok"), "cancelled": outcomes.count("cancelled"),
+                       "unexpected": len(unexpected), "seconds": round(seconds, 1),
+                       "baseline_after_s": round(baseline_s, 2)}
+    print("soak", RESULTS["soak"])
     decode, prefill = stats(app)
     assert decode.num_fenced_blocks == 0 and prefill.num_running == 0
     assert prefill.num_prefills > prefill_before.num_prefills  # the long ones went remote

@@ -14,7 +14,7 @@ import asyncio
 
 import httpx
 from fault_fakes import STALL_PROMPT_TOKENS
-from faultlib import PULL_DEADLINE_S, body, counts, stats, stream, wait_baseline
+from faultlib import PULL_DEADLINE_S, RESULTS, body, counts, stats, stream, wait_baseline
 
 from deployments.config import PrefillSettings
 
@@ -54,7 +54,13 @@ def test_a_stalled_pull_fails_at_its_deadline_and_the_others_are_unaffected(faul
         assert o.kind == "error_status" and o.detail == "500 kv_transfer_failed", o
         assert "timed out" in o.message, o
     # Half a lease: the stalled KV's lease released by decode, not by the lease expiring.
-    wait_baseline(app, deadline_s=PrefillSettings().lease_s / 2)
+    baseline_s = wait_baseline(app, deadline_s=PrefillSettings().lease_s / 2)
+    RESULTS["stalled_pull"] = {
+        "healthy": counts(healthy), "stalled": counts(stalled),
+        "stalled_slowest_s": round(max(o.seconds for o in stalled), 2),
+        "healthy_slowest_s": round(max(o.seconds for o in healthy), 2),
+        "baseline_after_s": round(baseline_s, 2)}
+    print("stalled", RESULTS["stalled_pull"])
     stalled_after, held = _stalled_pulls(app)
     assert stalled_after - stalled_before == len(stalled) and held == 0  # exactly those
     decode, prefill = stats(app)
