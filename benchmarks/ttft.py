@@ -11,7 +11,12 @@ are subtracted from its peak). Per prompt length and mode: one warm-up prefill, 
 layer's attention call, KV store included: ``attention_s``; ``other_s = ours_s - attention_s``).
 The instrumented pass comes last so that no first-call cost at a new length (allocator growth,
 cuDNN plans) lands in its events. transformers (``use_cache=True``, logits of the last position only):
-one warm-up and ``--repeats`` timed runs. Before anything else, ``warm_up_prefill`` runs and the
+one warm-up and ``--repeats`` timed runs, with torch's SDPA dispatch as a user gets it
+(``transformers_s``; the attention kernels it ran are listed in ``transformers_sdpa_kernels``)
+and, with
+``--transformers-cudnn``, with cuDNN put first (``transformers_cudnn_s``: the strongest
+transformers baseline). Our dense layers run the kernel the warm-up measured fastest
+(``dense_kernels``: cuDNN or FlashAttention-4). Before anything else, ``warm_up_prefill`` runs and the
 first and second 32K TriangleMix prefills after it are timed (the first must not be slower).
 Results: ``benchmarks/results/ttft.json``, written after every point.
 """
@@ -26,9 +31,11 @@ from collections.abc import Callable
 
 import torch
 from disagg_kernels.triangle_mix import num_kept_pairs
+from torch.nn.attention import sdpa_kernel
 
 from benchmarks.common import add_provenance_args, print_table, unshared_state_dict, write_results
 from disagg.attention import dense_backends
+from disagg.attention.dense_backends import CAUSAL_PREFILL_BACKENDS
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
@@ -37,7 +44,7 @@ from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
 
 COLUMNS = ["context_tokens", "mode", "ours_s", "attention_s", "other_s", "transformers_s",
-           "speedup", "peak_gib", "transformers_peak_gib", "tflops"]
+           "speedup", "transformers_cudnn_s", "speedup_vs_cudnn", "peak_gib", "tflops"]
 
 
 class _TimedAttention:
@@ -82,19 +89,46 @@ def _wall(fn: Callable[..., object], *args) -> float:
     return time.perf_counter() - t0
 
 
-def time_transformers(hf, req: EngineRequest, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak GiB) of transformers' prefill of ``req`` after one warm-up."""
+def time_transformers(hf, req: EngineRequest, repeats: int, sdpa: str = "default"
+                      ) -> tuple[float, float]:
+    """(median seconds, peak GiB) of transformers' prefill of ``req`` after one warm-up, with
+    torch's SDPA dispatch as a user gets it (``default``) or with cuDNN put first (``cudnn``,
+    the fastest kernel torch ships for these shapes: the strongest transformers baseline)."""
     ids = torch.tensor([req.prompt_token_ids], device=hf.device)
 
     @torch.inference_mode()
     def prefill():
-        hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+        if sdpa == "cudnn":
+            with sdpa_kernel(CAUSAL_PREFILL_BACKENDS, set_priority=True):
+                hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+        else:
+            hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits.argmax(-1)
 
     prefill()
     torch.cuda.reset_peak_memory_stats()
     seconds = statistics.median(_wall(prefill) for _ in range(repeats))
     # Its copies of our packed weights are not counted: one copy of the weights, as ours.
     return seconds, (torch.cuda.max_memory_allocated() - hf.copied_weight_bytes) / 2**30
+
+
+def sdpa_kernel_names(hf, n: int = 2048) -> dict[str, list[str]]:
+    """The attention kernels of one transformers prefill of ``n`` tokens, per SDPA dispatch."""
+    ids = torch.randint(0, hf.config.vocab_size, (1, n), device=hf.device)
+    names = {}
+    for sdpa in ("default", "cudnn"):
+        with torch.inference_mode(), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            if sdpa == "cudnn":
+                with sdpa_kernel(CAUSAL_PREFILL_BACKENDS, set_priority=True):
+                    hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+            else:
+                hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+        names[sdpa] = sorted({e.name[:80] for e in prof.events()
+                              if e.device_type == torch.autograd.DeviceType.CUDA and any(
+                                  w in e.name.lower() for w in ("flash", "cudnn", "fmha",
+                                                                "attention", "sdpa"))})
+    return names
 
 
 def _request(n: int, vocab: int, context: int) -> EngineRequest:
@@ -214,6 +248,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--transformers-cudnn", action="store_true",
+                        help="also time transformers with SDPA's cuDNN backend put first")
     parser.add_argument("--no-startup", action="store_true",
                         help="skip warm_up_prefill, the first-vs-second check and the op timings")
     add_provenance_args(parser)
@@ -236,6 +272,9 @@ def main() -> None:
     extra = {"model": source.name, "dtype": "bfloat16", "weights_gib": round(weights_gib, 2),
              "dense_attention": os.environ.get(dense_backends.ENV_VAR, "auto"),
              "fa4_available": dense_backends.fa4_available()}
+    if hf is not None:
+        extra["transformers_sdpa_kernels"] = sdpa_kernel_names(hf)
+        print(extra["transformers_sdpa_kernels"], flush=True)
     if not args.no_startup:
         extra.update(startup_checks(engines, config, context))
     else:
@@ -248,6 +287,8 @@ def main() -> None:
         req = _request(n, config.vocab_size, context)
         num_prompt = req.num_prompt_tokens
         hf_s, hf_peak = time_transformers(hf, req, args.repeats) if hf else (None, None)
+        hf_cudnn_s = (time_transformers(hf, req, args.repeats, "cudnn")[0]
+                      if hf and args.transformers_cudnn else None)
         for mode, engine in engines.items():
             torch.cuda.empty_cache()
             engine.prefill(req)
@@ -262,6 +303,8 @@ def main() -> None:
                 "context_tokens": n, "prompt_tokens": num_prompt, "mode": mode, "ours_s": ours_s,
                 "attention_s": attention_s, "other_s": ours_s - attention_s,
                 "transformers_s": hf_s, "speedup": hf_s / ours_s if hf_s else None,
+                "transformers_cudnn_s": hf_cudnn_s,
+                "speedup_vs_cudnn": hf_cudnn_s / ours_s if hf_cudnn_s else None,
                 "peak_gib": peak, "transformers_peak_gib": hf_peak, "tflops": flops / ours_s / 1e12,
             })
             print(rows[-1], flush=True)
