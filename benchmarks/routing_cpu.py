@@ -9,6 +9,19 @@
 2. ``burst`` rows: the YAML app as it ships (``routing: auto``) gets ``--burst`` long prompts
    at once while short prompts keep arriving: how many were admitted, refused with 429 (and
    how fast, with which Retry-After), and how the short ones fared. Every request is counted.
+
+    python -m benchmarks.routing_cpu policies   # -> benchmarks/results/routing_cpu_policies.json
+
+3. ``policy`` rows (``policies``, ``deployments/prefill_decode_cpu_2prefill.yaml``: 2 prefill
+   replicas + 1 decode): one arrival trace (80% short, 20% long prompts, Poisson) served by
+   each routing policy in turn, rounds interleaved (A B C, then C B A, ...) so the shared
+   machine's noise hits all alike; each run is a fresh app on the same Ray instance.
+   ``length_aware`` = the YAML (``disagg.routing`` plans path and replica); ``round_robin`` =
+   the app before the router: the CPU YAML's old fixed threshold (``local_prefill_max_tokens``
+   256) and Serve's default power-of-two router among the prefill replicas;
+   ``always_remote`` = ``routing.mode: remote`` with Serve's default router. Measured by the
+   load generator (``benchmarks/loadgen``); the rows also go into ``results/routing.json``
+   (``source: measured``).
 """
 
 from __future__ import annotations
@@ -18,15 +31,20 @@ import asyncio
 import json
 import socket
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import yaml
 
-from benchmarks.common import add_provenance_args, write_results
+from benchmarks.common import RESULTS_DIR, add_provenance_args, write_results
 
 YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefill_decode.yaml"
+POLICY_YAML = YAML.with_name("prefill_decode_cpu_2prefill.yaml")
+POLICIES = ("length_aware", "round_robin", "always_remote")
+ROUND_ROBIN_THRESHOLD = 256  # the CPU YAML's local_prefill_max_tokens before the router
 
 
 def _free_port() -> int:
@@ -132,6 +150,9 @@ async def _burst(url: str, model: str, num_long: int, long_tokens: int, num_shor
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["policies"]:
+        return main_policies(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=3)
@@ -168,6 +189,221 @@ def main(argv: list[str] | None = None) -> int:
     write_results("routing_cpu", rows, commit=args.commit, dirty=args.dirty, out=args.out,
                   extra={"config": str(YAML.relative_to(YAML.parents[1])), "cpus": 2,
                          "model": model, "threads": 1})
+    return 0
+
+
+# --- routing policies on one trace (2 prefill replicas) ---------------------------------------
+
+try:  # Serve's default router (power of two choices on the replicas' queue lengths)
+    from ray.serve._private.request_router.pow_2_router import (
+        PowerOfTwoChoicesRequestRouter as _ServeDefault,
+    )
+except ImportError:  # pragma: no cover - the module moved
+    _ServeDefault = None
+
+if _ServeDefault is not None:
+    class ServeDefaultBoardRouter(_ServeDefault):
+        """Serve's default router, which also publishes the replicas' reports on this
+        process's board (``deployments/load.py``) so the ingress still sees live prefill
+        replicas; it ignores the plan's replica (the app before the router)."""
+
+        def initialize_state(self, deployment: str = "", role: str = "prefill", **kwargs):
+            import logging
+
+            self._board_deployment = deployment
+            logging.getLogger("ray.serve").info(
+                "%s: Serve's default power-of-two router (benchmarks.routing_cpu)", deployment)
+
+        def update_replicas(self, replicas):
+            super().update_replicas(replicas)
+            from deployments import load
+
+            load.BOARD.publish(self._board_deployment,
+                               {r.replica_id.unique_id: dict(r.routing_stats or {})
+                                for r in replicas})
+
+
+def policy_args(app_args: dict, policy: str) -> dict:
+    """The app's args for ``policy`` (the router class is swapped by ``serve_default_prefill``)."""
+    routing = dict(app_args.get("routing", {}))
+    if policy == "length_aware":
+        return {**app_args, "routing": {**routing, "mode": "auto"}}
+    if policy == "round_robin":
+        return {**app_args, "routing": {**routing, "mode": "auto"},
+                "local_prefill_max_tokens": ROUND_ROBIN_THRESHOLD}
+    if policy == "always_remote":
+        return {**app_args, "routing": {**routing, "mode": "remote"}}
+    raise ValueError(policy)
+
+
+@contextmanager
+def serve_default_prefill(enabled: bool):
+    """While building the app: prefill deployments get Serve's default router."""
+    from ray.serve.config import RequestRouterConfig
+
+    import deployments.app as app_module
+
+    original = app_module._routing
+
+    def routing(config, settings, deployment, role):
+        options = original(config, settings, deployment, role)
+        if enabled and role == "prefill":
+            options["request_router_config"] = RequestRouterConfig(
+                request_router_class=ServeDefaultBoardRouter,
+                request_router_kwargs={"deployment": deployment, "role": role},
+                request_routing_stats_period_s=config.routing.stats_period_s)
+        return options
+
+    app_module._routing = routing
+    try:
+        yield
+    finally:
+        app_module._routing = original
+
+
+def policy_trace(num: int, rate: float, short: str, long: str, long_share: float,
+                 output: str, seed: int):
+    from benchmarks.loadgen.workload import parse_lengths, synthetic
+
+    spec = f"mix:{1 - long_share:g}*{short},{long_share:g}*{long}"
+    return spec, synthetic(num, parse_lengths(spec), parse_lengths(output), rate=rate,
+                           seed=seed)
+
+
+async def _warm(url: str, model: str) -> None:
+    """One short (local) and two long (remote) prompts at once: every replica's first call."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(_stream(client, url, model, _prompt(24, 7), 2),
+                             *(_stream(client, url, model, _prompt(600, 8 + i), 2)
+                               for i in range(2)))
+
+
+def _policy_row(policy: str, round_: int, results: list, items: list, workload: str,
+                threshold: int) -> dict:
+    from benchmarks.loadgen.report import stats, summarize
+
+    row = {"kind": "policy", "policy": policy, "round": round_, "workload": workload,
+           **summarize(results)}
+    ok = [r for r in results if r.success]
+    for name, sel in (("short", lambda r: r.prompt_tokens < threshold),
+                      ("long", lambda r: r.prompt_tokens >= threshold)):
+        s = stats([r.ttft_s for r in ok if sel(r)], f"ttft_{name}")
+        row.update({k: s[k] for k in (f"ttft_{name}_p50_s", f"ttft_{name}_p99_s")})
+    row["ttft_p50_s"], row["ttft_p99_s"] = row["ttft_median_s"], row["ttft_p99_s"]
+    row["throughput_rps"] = row["request_throughput_rps"]
+    row["requests"] = [r.to_dict() for r in results]
+    return row
+
+
+def _aggregate(rows: list[dict], workload: str) -> list[dict]:
+    """Per policy, every round's requests pooled: the routing.json rows."""
+    import numpy as np
+
+    out = []
+    for policy in POLICIES:
+        mine = [r for r in rows if r["policy"] == policy]
+        if not mine:
+            continue
+        ttft = [q["ttft_s"] for r in mine for q in r["requests"] if q["success"]]
+        sent = sum(r["num_requests"] for r in mine)
+        out.append({"policy": policy, "workload": workload, "source": "measured",
+                    "rounds": len(mine), "requests": sent, "completed": len(ttft),
+                    "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
+                    "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
+                    "throughput_rps": float(np.mean([r["throughput_rps"] for r in mine])),
+                    "errors_by_status": {k: sum(r["errors_by_status"].get(k, 0) for r in mine)
+                                         for k in {k for r in mine
+                                                   for k in r["errors_by_status"]}}})
+    return out
+
+
+def merge_routing_json(rows: list[dict], workload: str, path: Path) -> None:
+    """Replace ``workload``'s measured rows in ``results/routing.json`` (the simulator's stay)."""
+    payload = json.loads(path.read_text())
+    payload["rows"] = [r for r in payload["rows"]
+                       if not (r.get("workload") == workload and r.get("source") == "measured")]
+    payload["rows"] += rows
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def main_policies(argv: list[str]) -> int:
+    import os
+
+    from benchmarks.loadgen.client import RequestSpec
+    from benchmarks.loadgen.prompts import TokenIdPrompts
+    from benchmarks.loadgen.runner import RunConfig, run
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.routing_cpu policies")
+    parser.add_argument("--yaml", type=Path, default=POLICY_YAML)
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=0.7, help="req/s (Poisson)")
+    parser.add_argument("--duration-s", type=float, default=180.0)
+    parser.add_argument("--short", default="uniform:32:160")
+    parser.add_argument("--long", default="uniform:768:1536")
+    parser.add_argument("--long-share", type=float, default=0.2)
+    parser.add_argument("--output-len", default="fixed:8")
+    parser.add_argument("--seed", type=int, default=0)
+    add_provenance_args(parser)
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    app_args = yaml.safe_load(args.yaml.read_text())["applications"][0]["args"]
+    model = app_args["model"]
+    n = max(1, round(args.rate * args.duration_s))
+    spec, items = policy_trace(n, args.rate, args.short, args.long, args.long_share,
+                               args.output_len, args.seed)
+    workload = (f"cpu_2prefill: {spec}, output {args.output_len}, Poisson {args.rate:g} req/s, "
+                f"{n} requests")
+    threshold = int(args.long.split(":")[1])  # short / long split for the per-class columns
+    prompts = TokenIdPrompts(512, seed=args.seed)
+    out = args.out or RESULTS_DIR / "routing_cpu_policies.json"
+    extra = {"config": str(args.yaml.resolve().relative_to(YAML.parents[1])), "cpus": 2,
+             "model": model, "threads": 1, "workload": workload, "seed": args.seed,
+             "round_robin_threshold": ROUND_ROBIN_THRESHOLD}
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
+             log_to_driver=False)
+    rows = []
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for round_ in range(args.rounds):
+            order = args.policies if round_ % 2 == 0 else args.policies[::-1]
+            for policy in order:
+                name = f"routing-{policy}-{round_}"
+                with serve_default_prefill(policy != "length_aware"):
+                    _deploy(policy_args(app_args, policy), name)
+                asyncio.run(_warm(url, model))
+                load_before = os.getloadavg()
+
+                def make_spec(w):
+                    return RequestSpec(url=f"{url}/v1/completions", chat=False, model=model,
+                                       prompt=prompts.build(w.index, w.prompt_tokens),
+                                       max_tokens=w.output_tokens, ignore_eos=True,
+                                       token_chunks="any")
+
+                results = asyncio.run(run(items, make_spec, RunConfig(timeout_s=900,
+                                                                      progress=False)))
+                row = _policy_row(policy, round_, results, items, workload, threshold)
+                row["loadavg_before"], row["loadavg_after"] = load_before, os.getloadavg()
+                rows.append(row)
+                serve.delete(name)
+                print({k: row[k] for k in ("policy", "round", "completed", "failed",
+                                           "errors_by_status", "ttft_p50_s", "ttft_p99_s",
+                                           "ttft_short_p99_s", "ttft_long_p99_s",
+                                           "throughput_rps", "paths", "loadavg_after")},
+                      flush=True)
+                write_results("routing_cpu_policies", rows, commit=args.commit,
+                              dirty=args.dirty, out=out,
+                              extra={**extra, "summary": _aggregate(rows, workload)})
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    if args.out is None:
+        merge_routing_json(_aggregate(rows, workload), workload, RESULTS_DIR / "routing.json")
     return 0
 
 
