@@ -46,9 +46,12 @@ class ClusterSpec:
     block_size: int = 16
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048  # decode's per-step token budget (local prefill chunks)
-    # Prefill and decode replicas on one GPU (prefill_decode_1gpu.yaml): the GPU runs one
-    # process's kernels at a time, so a decode step that overlaps a prefill delays it by the
-    # step's time (decode_itl.json's GPU time is ~93% of its ITL: the whole step is counted).
+    # Prefill and decode replicas on one GPU (prefill_decode_1gpu.yaml). With the
+    # calibration's measured ``contention`` (contention.json): a decode step that overlaps a
+    # prefill takes ``decode_slowdown`` x longer and the prefill progresses at
+    # 1 / ``prefill_slowdown`` of its speed meanwhile. Without it, the bound where the GPU
+    # runs one process's kernels at a time: the step delays the prefill by its whole time
+    # (decode_itl.json's GPU time is ~93% of its ITL).
     shared_gpu: bool = False
     step_runs: bool = True  # simulate unchanged batches' steps as one run (same result, faster)
 
@@ -270,8 +273,14 @@ class DecodeSim:
                                  self._generation)
             return
         if spec.shared_gpu:
+            contention = self.cluster.calibration.contention
+            lost = seconds
+            if contention is not None:
+                if any(p.running is not None for p in self.cluster.prefill.values()):
+                    seconds *= contention.decode_slowdown
+                lost = seconds * (1 - 1 / contention.prefill_slowdown)
             for prefill in self.cluster.prefill.values():
-                prefill.delay(seconds)
+                prefill.delay(lost)
         self.cluster.loop.after(seconds, self._end_step, batch, chunks)
 
     def _end_step(self, batch: list[SimRequest], chunks: list[tuple[SimRequest, int]]) -> None:

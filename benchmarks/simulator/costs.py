@@ -15,6 +15,9 @@ serving layer's fixed overhead per request.
   TriangleMix); SP degrees it does not list fall back to ``CostModel``'s ``sp * 0.9``.
 - CPU (``from_calibration``): ``sim_calibration_<setup>.json`` written by
   ``benchmarks.simulator.calibrate`` on the machine that runs the app.
+- ``load_contention``: prefill / decode contention on a shared GPU from ``contention.json``
+  (``benchmarks/contention.py``: each side timed alone and while the other runs), used by
+  setups whose prefill and decode share a GPU (``ClusterSpec.shared_gpu``).
 - ``with_served_corrections``: where isolated requests (concurrency 1, no queueing) against
   the app were recorded, the serving layer's share is fitted from them: the served prefill's
   excess over the engine benchmark (the replica's own ``disagg_timing.prefill_s`` minus the
@@ -68,6 +71,21 @@ class Overhead:
 
 
 @dataclass(frozen=True)
+class Contention:
+    """Slowdown factors (>= 1) of each side while the other runs on the same GPU: a prefill
+    progresses at ``1 / prefill_slowdown`` of its speed during a decode step, and a decode step
+    takes ``decode_slowdown`` times longer while a prefill runs."""
+
+    prefill_slowdown: float
+    decode_slowdown: float
+    source: str = ""
+
+    def __post_init__(self):
+        if self.prefill_slowdown < 1 or self.decode_slowdown < 1:
+            raise ValueError("contention slowdowns are >= 1")
+
+
+@dataclass(frozen=True)
 class Calibration:
     cost: CostModel
     overhead: Overhead  # before routing (outside prefill)
@@ -76,6 +94,9 @@ class Calibration:
     sources: tuple[str, ...]
     prefill_excess: Overhead = Overhead(0.0, 0.0)  # served prefill over the engine's
     sp_overhead_s: tuple[tuple[int, float], ...] = ()  # (SP degree, c_s seconds)
+    # Shared-GPU setups: measured contention; None: a decode step overlapping a prefill
+    # delays it by the step's whole length (serialized, the upper bound).
+    contention: Contention | None = None
 
     def prefill_s(self, num_tokens: int, *, sp: int = 1, triangle_fraction: float = 0.0
                   ) -> float:
@@ -138,6 +159,19 @@ def h200_llama8b(results: Path = RESULTS_DIR) -> Calibration:
         sources.append("sequence_parallel.json")
     return Calibration(cost, overhead, kv, LLAMA8B_TRIANGLE_FRACTION, tuple(sources),
                        sp_overhead_s=sp_overhead)
+
+
+def load_contention(results: Path = RESULTS_DIR) -> Contention | None:
+    """The ``slowdown`` of ``contention.json`` (``benchmarks/contention.py``), clamped to >= 1
+    (a factor under 1 is noise); None when that file is absent."""
+    path = Path(results) / "contention.json"
+    if not path.exists():
+        return None
+    payload = json.loads(path.read_text())
+    factors = payload["slowdown"]
+    return Contention(max(1.0, float(factors["prefill"])), max(1.0, float(factors["decode"])),
+                      source=f"{path.name} ({payload.get('mode', 'thread')}, "
+                             f"{payload.get('commit', '?')})")
 
 
 def fit_sp_overhead(rows: list[dict]) -> tuple[tuple[int, float], ...]:

@@ -8,7 +8,9 @@ bar: within 15% on the mean, 25% on p90).
 The simulated cluster is the app as it ran (its YAML at the measured commit): one prefill and
 one decode replica, routed by that YAML's fixed ``local_prefill_max_tokens`` (the runs of
 49151ac: every prompt above it) or, for later commits, by ``disagg.routing`` with its
-``routing`` settings. Writes
+``routing`` settings. Where ``contention.json`` exists (``benchmarks/contention.py`` on the
+GPU), the 1gpu setup is replayed with prefill and decode sharing the GPU at its measured
+slowdowns. Writes
 ``benchmarks/results/simulator_validation.json``.
 """
 
@@ -96,15 +98,24 @@ def _simulate(setup: str, reqs: list[dict], calibration: costs.Calibration, comm
 
 
 def replay(setup: str, row: dict, calibration: costs.Calibration,
-           components_only: costs.Calibration, commit: str) -> dict:
+           components_only: costs.Calibration, commit: str,
+           contention: costs.Contention | None = None) -> dict:
+    """One measured run replayed. ``contention`` (``contention.json``): the 1gpu setup's
+    prefill and decode share the GPU with these measured slowdowns; without it, that setup
+    is replayed as separate GPUs (and, as the other bound, fully serialized)."""
     reqs = [r for r in row["requests"] if r["success"]]
-    cluster, sims = _simulate(setup, reqs, calibration, commit)
-    _, bare = _simulate(setup, reqs, components_only, commit)
+    shared = setup == "1gpu" and contention is not None
+    if shared:
+        calibration = replace(calibration, contention=contention)
+        components_only = replace(components_only, contention=contention)
+    cluster, sims = _simulate(setup, reqs, calibration, commit, shared_gpu=shared)
+    _, bare = _simulate(setup, reqs, components_only, commit, shared_gpu=shared)
     bare_ttft = np.array([s.ttft_s for s in bare])
     serialized = None
     if setup == "1gpu":  # the other bound: every overlapping decode step delays the prefill
-        _, shared = _simulate(setup, reqs, calibration, commit, shared_gpu=True)
-        serialized = float(np.mean([s.ttft_s for s in shared]))
+        _, serial = _simulate(setup, reqs, replace(calibration, contention=None), commit,
+                              shared_gpu=True)
+        serialized = float(np.mean([s.ttft_s for s in serial]))
     measured = np.array([r["ttft_s"] for r in reqs])
     simulated = np.array([s.ttft_s for s in sims])
     span = max(r["start_s"] + r["e2e_s"] for r in reqs) - min(r["start_s"] for r in reqs)
@@ -128,6 +139,9 @@ def replay(setup: str, row: dict, calibration: costs.Calibration,
         "components_only_mean_ttft_s": float(bare_ttft.mean()),
         "components_only_p90_ttft_s": float(np.percentile(bare_ttft, 90)),
         "serialized_gpu_mean_ttft_s": serialized,
+        "shared_gpu_contention": None if not shared else {
+            "prefill_slowdown": contention.prefill_slowdown,
+            "decode_slowdown": contention.decode_slowdown, "source": contention.source},
     }
     out["mean_error_pct"] = 100 * (out["simulated_mean_ttft_s"] / out["measured_mean_ttft_s"] - 1)
     out["p90_error_pct"] = 100 * (out["simulated_p90_ttft_s"] / out["measured_p90_ttft_s"] - 1)
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     add_provenance_args(p)
     args = p.parse_args(argv)
     rows, calibrations = [], {}
+    contention = costs.load_contention(args.results_dir)
     for setup in args.setups:
         measured = args.results_dir / f"serve_{setup}.json"
         if not measured.exists():
@@ -158,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                                "decode": vars(cal.cost.decode)}
         payload = json.loads(measured.read_text())
         for row in payload["rows"]:
-            rows.append(replay(setup, row, cal, bare, payload["commit"]))
+            rows.append(replay(setup, row, cal, bare, payload["commit"], contention))
     path = write_results("simulator_validation", rows, commit=args.commit, dirty=args.dirty,
                          out=args.out, extra={"calibrations": calibrations,
                                               "tolerance": {"mean": MEAN_TOLERANCE,

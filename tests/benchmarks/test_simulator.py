@@ -116,3 +116,57 @@ def test_doubling_prefill_replicas_halves_queueing_of_a_burst():
         assert wait == pytest.approx((n / p - 1) / 2 * s, rel=1e-9)
         waits[p] = wait
     assert (waits[4] + s / 2) / (waits[2] + s / 2) == pytest.approx(0.5, rel=1e-9)
+
+
+def _shared_gpu_run(contention, shared_gpu: bool = True):
+    """One decoding request (3,000 steps of 10 ms from t=0) and, from t=1 s, one remote
+    prefill of 2 s on the same GPU."""
+    from benchmarks.simulator.costs import Contention
+
+    cal = _calibration(decode_step_s=0.01)
+    if contention is not None:
+        cal = replace(cal, contention=Contention(*contention))
+    items = [WorkItem(0, 0.0, 10, 3000), WorkItem(1, 1.0, 20000, 1)]
+    spec = ClusterSpec((PoolSpec("p"),), num_decode=1, shared_gpu=shared_gpu)
+    decoding, prefilled = simulate(spec, cal, RoundRobin(1000, seed=0), items)
+    assert (decoding.path, prefilled.path) == ("local", "disaggregated")
+    return decoding, prefilled
+
+
+def test_shared_gpu_contention_slows_each_side_by_its_factor():
+    """A prefill overlapped by decode steps throughout runs at 1 / prefill_slowdown of its
+    speed (2 s -> 4 s at 2x); the steps meanwhile take decode_slowdown x longer, so the
+    decoding request ends 4 s x (1 - 1/1.5) later than with unslowed steps."""
+    _, prefilled = _shared_gpu_run((2.0, 1.0))
+    assert prefilled.ttft_s == pytest.approx(4.0, abs=0.02)
+    plain, _ = _shared_gpu_run((2.0, 1.0))
+    slowed, prefilled_slowed = _shared_gpu_run((2.0, 1.5))
+    assert prefilled_slowed.ttft_s == pytest.approx(4.0, abs=0.02)
+    assert slowed.done_s - plain.done_s == pytest.approx(4.0 * (1 - 1 / 1.5), abs=0.03)
+
+
+def test_shared_gpu_without_contention_is_between_none_and_serialized():
+    """Factors of 1 are the unshared GPU exactly; no measured contention keeps the serialized
+    bound (the prefill waits out every overlapping step: here, the whole 30 s of decode)."""
+    _, unshared = _shared_gpu_run(None, shared_gpu=False)
+    _, ones = _shared_gpu_run((1.0, 1.0))
+    _, measured = _shared_gpu_run((1.3, 1.1))
+    _, serialized = _shared_gpu_run(None)
+    assert ones.ttft_s == pytest.approx(unshared.ttft_s, abs=1e-9)
+    assert unshared.ttft_s == pytest.approx(2.0, abs=0.02)
+    assert unshared.ttft_s < measured.ttft_s < serialized.ttft_s
+    assert serialized.ttft_s == pytest.approx(30.0 - 1.0 + 2.0, abs=0.05)
+
+
+def test_load_contention_reads_the_benchmark_file(tmp_path):
+    import json
+
+    from benchmarks.simulator.costs import load_contention
+
+    assert load_contention(tmp_path) is None
+    (tmp_path / "contention.json").write_text(json.dumps(
+        {"benchmark": "contention", "commit": "abc", "mode": "process", "rows": [],
+         "slowdown": {"prefill": 1.25, "decode": 0.97}}))
+    found = load_contention(tmp_path)
+    assert (found.prefill_slowdown, found.decode_slowdown) == (1.25, 1.0)  # noise clamped
+    assert "process" in found.source
