@@ -2,15 +2,17 @@
 run at the same time, and how much those steps slow the prefill (``prefill_decode_1gpu.yaml``
 puts both replicas on one H200; the simulator's ``shared_gpu`` setups read the factors).
 
-    python -m benchmarks.contention --model random:llama-3.1-8b --device cuda \\
-        --lengths 4096 8192 16384 --decode-batch 4 --decode-context 8192 --trianglemix
+    python -m benchmarks.contention --model random:llama-3.1-8b --device cuda --trianglemix \\
+        --mode process --lengths 4096 8192 16384 --decode-batch 1 --decode-context 10240
     python -m benchmarks.contention --model random:tiny-llama --device cpu \\
         --lengths 256 512 --decode-batch 4 --decode-context 256 --repeats 2   # CPU smoke
 
 One ``PrefillEngine`` and one ``DecodeEngine`` on one device. The decode engine holds
 ``--decode-batch`` sequences of ``--decode-context`` tokens (prefilled by itself first) and
 steps them (``DecodeEngine.step``: scheduler, CUDA graphs, sampler, tokens to the host) in a
-loop. Per prompt length ``L``:
+loop. The defaults are the validation's 1gpu runs (prompts 4-16K, 16 output tokens at
+1.2-2.6 req/s: decode holds about one ~10K-token sequence while a prefill runs). Per prompt
+length ``L``:
 
 - alone: the prefill (``PrefillEngine.prefill`` of ``L`` random ids, median of ``--repeats``)
   with decode idle; decode steps (median of ``--decode-steps``) with prefill idle;
@@ -303,8 +305,8 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     p.add_argument("--trianglemix", action="store_true",
                    help="prefill with the model's published TriangleMix split (as the 1gpu YAML)")
-    p.add_argument("--decode-batch", type=int, default=4)
-    p.add_argument("--decode-context", type=int, default=8192)
+    p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument("--decode-context", type=int, default=10240)
     p.add_argument("--decode-chunk", type=int, default=2048,
                    help="decode's max_num_batched_tokens (its own prefill of the batch)")
     p.add_argument("--decode-steps", type=int, default=32, help="timed steps alone")

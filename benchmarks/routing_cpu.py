@@ -21,7 +21,8 @@
    256) and Serve's default power-of-two router among the prefill replicas;
    ``always_remote`` = ``routing.mode: remote`` with Serve's default router. Measured by the
    load generator (``benchmarks/loadgen``); the rows also go into ``results/routing.json``
-   (``source: measured``).
+   (``source: measured``). ``python -m benchmarks.routing_cpu simulate`` (same options) runs
+   the same trace in the cluster simulator (``source: simulator`` rows).
 """
 
 from __future__ import annotations
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["policies"]:
         return main_policies(argv[1:])
+    if argv[:1] == ["simulate"]:
+        return main_simulate(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=3)
@@ -326,14 +329,8 @@ def merge_routing_json(rows: list[dict], workload: str, path: Path) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def main_policies(argv: list[str]) -> int:
-    import os
-
-    from benchmarks.loadgen.client import RequestSpec
-    from benchmarks.loadgen.prompts import TokenIdPrompts
-    from benchmarks.loadgen.runner import RunConfig, run
-
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.routing_cpu policies")
+def _policy_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.routing_cpu {prog}")
     parser.add_argument("--yaml", type=Path, default=POLICY_YAML)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--rounds", type=int, default=2)
@@ -345,18 +342,92 @@ def main_policies(argv: list[str]) -> int:
     parser.add_argument("--output-len", default="fixed:8")
     parser.add_argument("--seed", type=int, default=0)
     add_provenance_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _trace_of(args, app_args: dict):
+    n = max(1, round(args.rate * args.duration_s))
+    spec, items = policy_trace(n, args.rate, args.short, args.long, args.long_share,
+                               args.output_len, args.seed)
+    workload = (f"cpu_2prefill: {spec}, output {args.output_len}, Poisson {args.rate:g} req/s, "
+                f"{n} requests")
+    return items, workload
+
+
+def main_simulate(argv: list[str]) -> int:
+    """The same trace and policies in the cluster simulator (``source: simulator`` rows of
+    ``results/routing.json``), costed by the app's own fitted CPU cost model (this machine's
+    component benchmarks, ``disagg/cost_defaults.py``, scaled to the replicas' one thread):
+    no serving-layer share and no contention of the engines for the 2 cores."""
+    from benchmarks.simulator.cluster import ClusterSpec, PoolSpec
+    from benchmarks.simulator.costs import Calibration, Overhead
+    from benchmarks.simulator.policies import AlwaysRemote, LengthAware, RoundRobin
+    from benchmarks.simulator.run import simulate, summary
+    from deployments.admission import cost_model_for, routing_settings
+    from deployments.config import AppConfig
+    from deployments.runtime import resolve_source
+    from disagg.cli import default_cache_dir
+
+    args = _policy_parser("simulate").parse_args(argv)
+    app_args = yaml.safe_load(args.yaml.read_text())["applications"][0]["args"]
+    items, workload = _trace_of(args, app_args)
+    config = AppConfig.model_validate(app_args)
+    config = config.model_copy(update={"cache_dir": config.cache_dir or default_cache_dir()})
+    model_config = resolve_source(config).model_config()
+    cost = cost_model_for(config, model_config)
+    settings = routing_settings(config, model_config)
+    cal = Calibration(cost, Overhead(0.0, 0.0), settings.kv_bytes_per_token, 0.0,
+                      (cost.source,))
+    spec = ClusterSpec((PoolSpec("default", 1, config.prefill.num_replicas),),
+                       num_decode=config.decode.num_replicas, link=settings.kv_backend,
+                       decode_kv_tokens=int(config.decode.kv_cache_gib * (1 << 30))
+                       // settings.kv_bytes_per_token,
+                       max_num_seqs=config.decode.max_num_seqs)
+    threshold = int(args.long.split(":")[1])
+    rows = []
+    for policy in (LengthAware(settings), RoundRobin(ROUND_ROBIN_THRESHOLD, args.seed),
+                   AlwaysRemote(args.seed)):
+        reqs = simulate(spec, cal, policy, items)
+        s, short = summary(reqs), summary([r for r in reqs if r.prompt_tokens < threshold])
+        long_ = summary([r for r in reqs if r.prompt_tokens >= threshold])
+        rows.append({"policy": policy.name, "workload": workload, "source": "simulator",
+                     "cluster": f"CPU app: {config.prefill.num_replicas} prefill + "
+                                f"{config.decode.num_replicas} decode replicas, 1 thread each",
+                     "requests": s["num_requests"], "completed": s["completed"],
+                     "rejected": s["rejected"], "ttft_p50_s": s["ttft_p50_s"],
+                     "ttft_p99_s": s["ttft_p99_s"], "throughput_rps": s["throughput_rps"],
+                     "ttft_short_p99_s": short["ttft_p99_s"],
+                     "ttft_long_p99_s": long_["ttft_p99_s"],
+                     "local_fraction": s["local_fraction"], "cost_model": cost.source})
+        print({k: rows[-1][k] for k in ("policy", "ttft_p50_s", "ttft_p99_s", "throughput_rps",
+                                        "ttft_short_p99_s", "ttft_long_p99_s",
+                                        "local_fraction")})
+    path = args.out or RESULTS_DIR / "routing.json"
+    payload = json.loads(path.read_text()) if path.exists() else {"benchmark": "routing",
+                                                                   "rows": []}
+    payload["rows"] = [r for r in payload["rows"]
+                       if not (r.get("workload") == workload and r.get("source") == "simulator")]
+    payload["rows"] += rows
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def main_policies(argv: list[str]) -> int:
+    import os
+
+    from benchmarks.loadgen.client import RequestSpec
+    from benchmarks.loadgen.prompts import TokenIdPrompts
+    from benchmarks.loadgen.runner import RunConfig, run
+
+    args = _policy_parser("policies").parse_args(argv)
 
     import ray
     from ray import serve
 
     app_args = yaml.safe_load(args.yaml.read_text())["applications"][0]["args"]
     model = app_args["model"]
-    n = max(1, round(args.rate * args.duration_s))
-    spec, items = policy_trace(n, args.rate, args.short, args.long, args.long_share,
-                               args.output_len, args.seed)
-    workload = (f"cpu_2prefill: {spec}, output {args.output_len}, Poisson {args.rate:g} req/s, "
-                f"{n} requests")
+    items, workload = _trace_of(args, app_args)
     threshold = int(args.long.split(":")[1])  # short / long split for the per-class columns
     prompts = TokenIdPrompts(512, seed=args.seed)
     out = args.out or RESULTS_DIR / "routing_cpu_policies.json"

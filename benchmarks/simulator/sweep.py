@@ -171,8 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.study == "routing":
         rows = routing_study(args)
-        path = write_results("routing", rows, commit=args.commit, dirty=args.dirty,
-                             out=args.out, extra={"calibration": list(h200_calibration().sources)})
+        out = args.out or RESULTS_DIR / "routing.json"
+        kept = []  # other workloads' rows (the CPU app's, benchmarks.routing_cpu) stay
+        if out.exists():
+            kept = [r for r in json.loads(out.read_text())["rows"]
+                    if r.get("workload") != ROUTING_TRACE]
+        path = write_results("routing", rows + kept, commit=args.commit, dirty=args.dirty,
+                             out=out, extra={"calibration": list(h200_calibration().sources)})
         print_table(rows, ["policy", "ttft_p50_s", "ttft_p99_s", "throughput_rps", "rejected",
                            "short_ttft_p99_s", "long_ttft_p99_s", "local_fraction"])
         if args.plot_dir is not None:
