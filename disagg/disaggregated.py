@@ -150,7 +150,10 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
             return
         try:
             completion = await _completion(events, config.kv_complete_timeout_s, rid)
+            # Handed to the engine before anything else is awaited: from here every exit
+            # (an abort included) releases what the record holds (the object store's lease).
             await decode.kv_complete(rid, first.token, completion)
+            await _bounded(events.expect_end(), config.kv_complete_timeout_s, rid)
         except DisaggError:
             if config.on_kv_failure != "local_prefill":
                 raise
@@ -192,7 +195,6 @@ async def _completion(events: _PrefillStream, timeout_s: float, rid: str) -> KVC
     if not isinstance(completion, KVCompletion):
         raise KVTransferError(f"prefill of {rid!r} sent {type(completion).__name__}, not the "
                               "KV completion")
-    await _bounded(events.expect_end(), timeout_s, rid)
     return completion
 
 

@@ -108,6 +108,8 @@ class ObjectStoreKVWriter:
         self._puts: list = []
         self._bytes = 0
         self._aborted = threading.Event()
+        self._lock = threading.Lock()  # a lease is published, or the writer aborted: not both
+        self._published: str | None = None  # request id of the lease published by finish
         self._stream = None
 
     def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -136,18 +138,28 @@ class ObjectStoreKVWriter:
     def finish(self, header: KVHeader) -> KVCompletion:
         t0 = time.perf_counter()
         refs = [f.result() for f in self._puts]
-        if self._aborted.is_set() or len(refs) != self._num_layers or None in refs:
-            raise KVTransferAborted(f"KV of {header.request_id!r} was aborted or is incomplete")
-        ray.get(self._keeper.hold.remote(header.request_id, refs, self._bytes, self._lease_s),
-                timeout=self._call_timeout_s)  # GetTimeoutError: the keeper does not answer
+        with self._lock:
+            if self._aborted.is_set() or len(refs) != self._num_layers or None in refs:
+                raise KVTransferAborted(f"KV of {header.request_id!r} was aborted or is "
+                                        "incomplete")
+            ray.get(self._keeper.hold.remote(header.request_id, refs, self._bytes,
+                                             self._lease_s),
+                    timeout=self._call_timeout_s)  # GetTimeoutError: the keeper does not answer
+            self._published = header.request_id
         return KVCompletion(header, BACKEND, self._bytes, self._num_layers,
                             time.perf_counter() - t0,
                             RayKVRef(refs, self._keeper, self.destination.runs))
 
     def abort(self) -> None:
-        self._aborted.set()
+        """Stop writing; a lease ``finish`` already published is released (its caller was
+        cancelled while or after finishing: no decode will pull it)."""
+        with self._lock:
+            self._aborted.set()
+            published, self._published = self._published, None
         for f in self._puts:
             f.cancel()
+        if published is not None:
+            self._keeper.release.remote(published)
 
 
 class RayObjectStoreKVSender:

@@ -28,9 +28,9 @@ class Outcome:
 
 
 def body(seed: int, prompt_tokens: int = PROMPT_TOKENS, max_tokens: int = MAX_TOKENS,
-         stream: bool = True) -> dict:
+         stream: bool = True, model: str = MODEL) -> dict:
     prompt = [(seed * 7 + i) % 500 + 3 for i in range(prompt_tokens)]
-    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": stream,
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": stream,
             "ignore_eos": True, "temperature": 0}
 
 
@@ -105,15 +105,16 @@ def wait_baseline(app: str, deadline_s: float = 120.0) -> float:
         time.sleep(0.5)
 
 
-async def soak(base_url: str, num_requests: int, concurrency: int, deadline_s: float
-               ) -> list[str]:
+async def soak(base_url: str, num_requests: int, concurrency: int, deadline_s: float, *,
+               model: str = MODEL, prompt_tokens: int = PROMPT_TOKENS, max_tokens: int = 8,
+               on_done=None) -> list[str]:
     """``num_requests`` at ``concurrency``: short prompts (decode prefills them) and long ones
     (disaggregated), streamed and whole, every 10th cancelled by its client mid-way. Returns
-    each one's outcome: ``ok``, ``cancelled`` or what went wrong."""
+    each one's outcome: ``ok``, ``cancelled`` or what went wrong (``on_done(n)`` after each)."""
     outcomes: list[str] = []
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        request = body(i, max_tokens=8, stream=i % 2 == 0)
+        request = body(i, prompt_tokens, max_tokens, stream=i % 2 == 0, model=model)
         if i % 3 == 0:
             request["prompt"] = request["prompt"][:5]  # under local_prefill_max_tokens: local
         if i % 10 == 9:  # the client leaves mid-way
@@ -134,6 +135,8 @@ async def soak(base_url: str, num_requests: int, concurrency: int, deadline_s: f
     async def bounded(client, i):
         async with sem:
             await one(client, i)
+        if on_done is not None:
+            on_done(len(outcomes))
 
     async with httpx.AsyncClient(base_url=base_url, timeout=deadline_s,
                                  limits=httpx.Limits(max_connections=concurrency)) as c:
