@@ -23,6 +23,7 @@ import math
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ import torch
 from benchmarks.common import RESULTS_DIR, add_provenance_args, print_table, write_results
 from benchmarks.fidelity_text import StdlibCorpus
 from disagg.attention.triangle import PUBLISHED_TRIANGLE_LAYERS, TriangleMixConfig
-from disagg.fidelity.scoring import score_continuations
+from disagg.fidelity.scoring import score_configs
 from disagg.fidelity.tasks import TASKS, generate_task
 from disagg.models.loader import load_model, load_tokenizer, resolve_model
 
@@ -49,20 +50,57 @@ def paired_ci(dense: list[float], sparse: list[float]) -> tuple[float, list[floa
     return mean, [mean - half, mean + half]
 
 
-def score_all(model, prompts: list[list[int]], answers: list[list[int]],
-              config: TriangleMixConfig | None, batch_tokens: int, label: str):
-    """Per-sample (exact, nll per token) of one configuration, batched by ``batch_tokens``."""
+def score_cell(model, prompts: list[list[int]], answers: list[list[int]],
+               configs: dict[str, TriangleMixConfig | None], batch_tokens: int, label: str):
+    """Per configuration, per sample (exact 0/100, nll per token), batched by ``batch_tokens``;
+    the configurations share each batch's dense prefix (``score_configs``)."""
     from tqdm import tqdm
 
     total = len(prompts[0]) + max(len(a) for a in answers)
     batch = max(1, batch_tokens // total)
-    exact, nll = [], []
-    for i in tqdm(range(0, len(prompts), batch), desc=label, file=sys.stderr, mininterval=2.0):
-        s = score_continuations(model, torch.tensor(prompts[i:i + batch]),
-                                answers[i:i + batch], config)
-        exact += [100.0 * e for e in s.exact]
-        nll += [x / n for x, n in zip(s.nll, s.num_tokens)]
+    exact = {name: [] for name in configs}
+    nll = {name: [] for name in configs}
+    for i in tqdm(range(0, len(prompts), batch), desc=label, file=sys.stderr, mininterval=5.0):
+        scores = score_configs(model, torch.tensor(prompts[i:i + batch]), answers[i:i + batch],
+                               configs)
+        for name, s in scores.items():
+            exact[name] += [100.0 * e for e in s.exact]
+            nll[name] += [x / n for x, n in zip(s.nll, s.num_tokens)]
     return exact, nll
+
+
+def cell_data(tokenizer, corpus, task: str, length: int, samples: int):
+    """(prompts, answers) of one cell: a task's samples or the NLL windows."""
+    if task == NLL_TASK:
+        windows = corpus.windows(length, samples)
+        return [w[:-NLL_TOKENS] for w in windows], [w[-NLL_TOKENS:] for w in windows]
+    samples = generate_task(tokenizer, task, length, samples)
+    return [s.prompt_ids for s in samples], [s.answer_ids for s in samples]
+
+
+def summarize(rows: list[dict], threshold: float = 20.0, max_loss: float = 1.0) -> dict:
+    """The issue's judgement per accuracy task: the longest length where dense scores above
+    ``threshold`` (the judged length), and there per layer set the delta and whether it loses at
+    most ``max_loss`` points; plus which layer set scores higher summed over judged cells."""
+    out, totals = {}, {}
+    for task in sorted({r["task"] for r in rows if r["metric"] == "accuracy"}):
+        cells = [r for r in rows if r["task"] == task and r["metric"] == "accuracy"]
+        above = [r["context_tokens"] for r in cells if r["dense_score"] > threshold]
+        if not above:
+            out[task] = {"judged_length": None}
+            continue
+        judged = max(above)
+        entry = {"judged_length": judged}
+        for r in cells:
+            if r["context_tokens"] == judged:
+                entry[r["layers"]] = {"dense": r["dense_score"], "trianglemix":
+                                      r["trianglemix_score"], "delta": r["delta"],
+                                      "delta_ci95": r["delta_ci95"], "n": r["n_samples"],
+                                      "within_target": r["delta"] >= -max_loss}
+                totals[r["layers"]] = totals.get(r["layers"], 0.0) + r["trianglemix_score"]
+        out[task] = entry
+    return {"threshold": threshold, "max_loss_points": max_loss, "tasks": out,
+            "trianglemix_score_sum_at_judged": totals}
 
 
 def cell_rows(task: str, metric: str, length: int, dense: list[float],
@@ -77,36 +115,61 @@ def cell_rows(task: str, metric: str, length: int, dense: list[float],
     return rows
 
 
+def _score_ci(score: float, n: int, metric: str) -> float:
+    """Half-width of a 95% interval of one configuration's accuracy (binomial, normal approx.);
+    0 for NLL (its paired delta interval is in the table)."""
+    if metric != "accuracy" or n < 2:
+        return 0.0
+    p = score / 100.0
+    return 196.0 * math.sqrt(p * (1 - p) / n)
+
+
 def plot(path: Path) -> Path:
+    """Score vs length per configuration, one panel per task (accuracy with 95% intervals, the
+    20% line the issue judges at), from ``fidelity.json``; written beside it as ``.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     data = json.loads(path.read_text())
-    rows = [r for r in data["rows"] if r["source"] == "engine"]
-    tasks = sorted({r["task"] for r in rows}, key=lambda t: (t == NLL_TASK, t))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    rows = [r for r in data["rows"] if r.get("source", "engine") == "engine"]
+    tasks = [t for t in [*TASKS, NLL_TASK] if any(r["task"] == t for r in rows)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.3 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         cells = [r for r in rows if r["task"] == task]
+        metric = cells[0]["metric"]
         lengths = sorted({r["context_tokens"] for r in cells})
         first = [next(r for r in cells if r["context_tokens"] == n) for n in lengths]
-        ax.plot(lengths, [r["dense_score"] for r in first], "k-o", label="dense")
-        for layers, style in (("probed", "C0-s"), ("deep_half", "C1-^")):
-            pts = [r for r in cells if r["layers"] == layers]
-            pts.sort(key=lambda r: r["context_tokens"])
-            ax.plot([r["context_tokens"] for r in pts], [r["trianglemix_score"] for r in pts],
-                    style, label=f"TriangleMix {layers}")
+        series = [("dense", "k-o", 1.0, first, "dense_score")]
+        series += [(f"TriangleMix {layers}", style, shift,
+                    sorted((r for r in cells if r["layers"] == layers),
+                           key=lambda r: r["context_tokens"]), "trianglemix_score")
+                   for layers, style, shift in (("probed", "C0-s", 1.04), ("deep_half", "C1-^",
+                                                                           0.96))]
+        for label, style, shift, pts, key in series:
+            if pts:
+                ax.errorbar([r["context_tokens"] * shift for r in pts], [r[key] for r in pts],
+                            yerr=[_score_ci(r[key], r["n_samples"], metric) for r in pts],
+                            fmt=style, capsize=2, ms=4, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
-        ax.set_title(task, fontsize=9)
-        ax.set_ylabel("NLL (nats/token)" if task == NLL_TASK else "accuracy (%)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M-Instruct fidelity ({data['device']}, {data['commit'][:7]})",
-                 fontsize=10)
+        ax.minorticks_off()
+        n = min(r["n_samples"] for r in cells)
+        ax.set_title(f"{task} (n={n})", fontsize=9)
+        if metric == "accuracy":
+            ax.set_ylim(-3, 103)
+            ax.axhline(20, color="grey", lw=0.8, ls=":")
+            ax.set_ylabel("accuracy (%)")
+        else:
+            ax.set_ylabel("NLL of the last 128 tokens (nats/token)")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"SmolLM2-135M-Instruct fidelity, dense vs TriangleMix ({data['device']}, "
+                 f"{data['commit'][:7]})", fontsize=10)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=120)
+    plt.close(fig)
     return out
 
 
@@ -119,7 +182,10 @@ def main() -> None:
     parser.add_argument("--probed-layers", default=None, help="comma-separated layer ids")
     parser.add_argument("--probe-json", type=Path, default=None,
                         help="the probe-layers output whose 'recommended' set is 'probed'")
-    parser.add_argument("--batch-tokens", type=int, default=65536)
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="tokens per forward (default: 262144 on CUDA, 16384 on CPU)")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="start no new cell after this long (the JSON so far stays)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--plot", action="store_true", help="also draw the plot at the end")
@@ -141,6 +207,7 @@ def main() -> None:
         parser.error("give --probed-layers or --probe-json")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args.batch_tokens = args.batch_tokens or (262144 if device == "cuda" else 16384)
     source = resolve_model(args.model, cache_dir=args.cache_dir or default_cache_dir())
     model = load_model(source, device=device, dtype=dtype)
     tokenizer = load_tokenizer(source)
@@ -152,27 +219,35 @@ def main() -> None:
                                                       for k, c in configs.items()},
              "stdlib_python": platform.python_version(), "seconds": {}}
     corpus = StdlibCorpus(tokenizer)
+    cells = [(length, task) for length in args.lengths for task in args.tasks]
+    all_configs = {"dense": None, **configs}
     rows: list[dict] = []
-    for length in args.lengths:
-        for task in args.tasks:
+    t_start = time.perf_counter()
+    # The next cell's prompts are built (tokenizer, CPU) while this one is scored (GPU).
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(cell_data, tokenizer, corpus, cells[0][1], cells[0][0],
+                              args.samples)
+        for c, (length, task) in enumerate(cells):
+            if args.time_limit_s and time.perf_counter() - t_start > args.time_limit_s:
+                extra["cut"] = f"time limit {args.time_limit_s} s: {len(cells) - c} cells left"
+                print(extra["cut"], flush=True)
+                break
             t0 = time.perf_counter()
-            if task == NLL_TASK:
-                windows = corpus.windows(length, args.samples)
-                prompts = [w[:-NLL_TOKENS] for w in windows]
-                answers = [w[-NLL_TOKENS:] for w in windows]
-            else:
-                samples = generate_task(tokenizer, task, length, args.samples)
-                prompts = [s.prompt_ids for s in samples]
-                answers = [s.answer_ids for s in samples]
+            prompts, answers = pending.result()
+            if c + 1 < len(cells):
+                pending = pool.submit(cell_data, tokenizer, corpus, cells[c + 1][1],
+                                      cells[c + 1][0], args.samples)
+            t_data = time.perf_counter() - t0
             pick = 1 if task == NLL_TASK else 0  # (exact, nll): accuracy or NLL
             metric = "nll" if task == NLL_TASK else "accuracy"
-            dense = score_all(model, prompts, answers, None, args.batch_tokens,
-                              f"{task} {length} dense")[pick]
-            sparse = {name: score_all(model, prompts, answers, cfg, args.batch_tokens,
-                                      f"{task} {length} {name}")[pick]
-                      for name, cfg in configs.items()}
-            rows += cell_rows(task, metric, length, dense, sparse)
-            extra["seconds"][f"{task}/{length}"] = round(time.perf_counter() - t0, 1)
+            scores = score_cell(model, prompts, answers, all_configs, args.batch_tokens,
+                                f"{task} {length}")[pick]
+            dense = scores.pop("dense")
+            rows += cell_rows(task, metric, length, dense, scores)
+            extra["seconds"][f"{task}/{length}"] = {"wait_data": round(t_data, 2),
+                                                    "total": round(time.perf_counter() - t0, 2)}
+            extra["seconds"]["elapsed"] = round(time.perf_counter() - t_start, 1)
+            extra["summary"] = summarize(rows)
             print(json.dumps(rows[-2:]), flush=True)
             write_results("fidelity", rows, commit=args.commit, dirty=args.dirty, out=out,
                           extra=extra)

@@ -26,7 +26,7 @@ import torch
 from benchmarks.common import RESULTS_DIR, add_provenance_args, print_table, write_results
 from benchmarks.fidelity import cell_rows
 from disagg.attention.triangle import published_trianglemix
-from disagg.fidelity.scoring import score_continuations
+from disagg.fidelity.scoring import score_configs
 from disagg.fidelity.tasks import TASKS, generate_task
 from disagg.models.loader import load_model, load_tokenizer, resolve_model
 
@@ -67,8 +67,8 @@ def run_combine(args, tokenizer, source) -> None:
     for task, samples in _samples(tokenizer, args).items():
         prompts = torch.tensor([s.prompt_ids for s in samples])
         answers = [s.answer_ids for s in samples]
-        engine = {label: [100.0 * e for e in score_continuations(model, prompts, answers, c).exact]
-                  for label, c in (("dense", None), ("trianglemix", config))}
+        scored = score_configs(model, prompts, answers, {"dense": None, "trianglemix": config})
+        engine = {label: [100.0 * e for e in s.exact] for label, s in scored.items()}
         for r in cell_rows(task, "accuracy", args.length, served["dense"]["outcomes"][task],
                            {"default": served["trianglemix"]["outcomes"][task]}):
             rows.append({**r, "source": "served"})

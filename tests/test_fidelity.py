@@ -10,9 +10,10 @@ from disagg_kernels.triangle_mix import TriangleParams
 from helpers import embedded_model_dir, random_model
 
 from disagg.attention.contiguous import ContiguousAttention, ContiguousKVCache
+from disagg.attention.dense import dense_attention
 from disagg.attention.prefill import PrefillAttention
 from disagg.attention.triangle import TriangleMixConfig
-from disagg.fidelity.scoring import score_continuations
+from disagg.fidelity.scoring import _batched_causal, score_configs, score_continuations
 from disagg.fidelity.tasks import ANSWER_BUDGET_TOKENS, TASKS, generate_task
 from disagg.kv.layout import KVLayout, PackedKV
 
@@ -98,6 +99,31 @@ def test_batched_equals_one_at_a_time(tiny):
         assert one.exact == batch.exact[i:i + 1]
         assert one.nll[0] == pytest.approx(batch.nll[i], rel=1e-5)
     assert batch.num_tokens == [3, A, 1]
+
+
+def test_shared_dense_prefix_equals_separate_runs(tiny):
+    """score_configs computes the layers before each configuration's first Triangle layer once;
+    every configuration's scores are exactly those of its own forward."""
+    prompts = torch.stack([_ids(11, N), _ids(12, N)])
+    conts = [_ids(13, A).tolist(), _ids(14, 2).tolist()]
+    configs = {**CONFIGS, "late": TriangleMixConfig((2, 3), SMALL),
+               "first": TriangleMixConfig((0, 2), SMALL)}
+    together = score_configs(tiny, prompts, conts, configs)
+    assert set(together) == set(configs)
+    for name, config in configs.items():
+        alone = score_continuations(tiny, prompts, conts, config)
+        assert together[name] == alone, name
+    assert len({tuple(s.nll) for s in together.values()}) == len(configs)
+
+
+def test_batched_causal_equals_per_sequence():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3 * 20, h, 8, generator=g) for h in (4, 2, 2))
+    batched = _batched_causal(q, k, v, 3, 0.3)
+    for b in range(3):
+        rows = slice(b * 20, (b + 1) * 20)
+        torch.testing.assert_close(batched[rows], dense_attention(q[rows], k[rows], v[rows],
+                                                                  q_start=0, scale=0.3))
 
 
 @pytest.fixture(scope="module")

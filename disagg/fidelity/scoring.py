@@ -10,7 +10,10 @@ one forward over ``prompt + answer`` scores it, if each layer attends as serving
 - the continuation rows densely over every earlier key, as decode does.
 ``ContinuationAttention`` is that metadata for ``B`` sequences of one prompt length and one
 continuation length, flattened ``[B * (N + A)]`` (the matrix products run on the whole batch;
-attention runs per sequence through the engine's own kernels).
+attention runs per sequence through the engine's own kernels; on CUDA the dense squares of the
+batch run as one SDPA call). ``score_configs`` scores several configurations of the same
+samples and computes their common dense prefix (the layers before a configuration's first
+Triangle layer) once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from disagg_kernels.dynamic_sparse import dynamic_sparse_attention
 from disagg_kernels.triangle_mix import triangle_attention
 
@@ -26,6 +30,7 @@ from disagg.attention.metadata import AttentionKind
 from disagg.attention.paged import chunk_attention
 from disagg.attention.triangle import TriangleMixConfig
 from disagg.models.llama import LlamaForCausalLM
+from disagg.models.rope import rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class ContinuationAttention:
     def attend(self, layer_idx: int, q, k, v) -> torch.Tensor:
         n, total = self.num_prompt_tokens, self.num_prompt_tokens + self.num_continuation_tokens
         kind = self.kind(layer_idx)
+        if kind is AttentionKind.DENSE and q.is_cuda:  # every sequence's causal square at once
+            return _batched_causal(q, k, v, self.num_sequences, self.scale)
         out = torch.empty_like(q)
         for b in range(self.num_sequences):
             rows = slice(b * total, (b + 1) * total)
@@ -67,6 +74,20 @@ class ContinuationAttention:
         return out
 
 
+def _batched_causal(q, k, v, num_sequences: int, scale: float) -> torch.Tensor:
+    """``B`` causal squares of one length in one SDPA call (cuDNN first, as the prefill's dense
+    squares run), ``[B * T, H, D]`` in and out."""
+    from torch.nn.attention import sdpa_kernel
+
+    from disagg.attention.dense_backends import CAUSAL_PREFILL_BACKENDS
+
+    qh, kh, vh = (x.view(num_sequences, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+    with sdpa_kernel(CAUSAL_PREFILL_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                             enable_gqa=True)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
 @dataclass(frozen=True)
 class ContinuationScores:
     """Per sequence: every continuation token the greedy argmax (``exact``), and the summed
@@ -77,7 +98,6 @@ class ContinuationScores:
     num_tokens: list[int]
 
 
-@torch.inference_mode()
 def score_continuations(model: LlamaForCausalLM, prompts: torch.Tensor,
                         continuations: list[list[int]],
                         trianglemix: TriangleMixConfig | None) -> ContinuationScores:
@@ -85,6 +105,17 @@ def score_continuations(model: LlamaForCausalLM, prompts: torch.Tensor,
 
     Continuations are right-padded to the longest (padding comes after every scored position,
     so causality keeps it out of the scores)."""
+    return score_configs(model, prompts, continuations, {"only": trianglemix})["only"]
+
+
+@torch.inference_mode()
+def score_configs(model: LlamaForCausalLM, prompts: torch.Tensor,
+                  continuations: list[list[int]],
+                  configs: dict[str, TriangleMixConfig | None]) -> dict[str, ContinuationScores]:
+    """``score_continuations`` of the same samples under several configurations, sharing the
+    dense prefix: every layer before a configuration's first non-dense layer computes exactly
+    what the dense forward computes, so one dense pass runs as deep as any configuration needs
+    and each configuration continues from a copy of the hidden state where it departs."""
     device = next(model.parameters()).device
     num_seq, n = prompts.shape
     width = max(len(c) for c in continuations)
@@ -94,15 +125,36 @@ def score_continuations(model: LlamaForCausalLM, prompts: torch.Tensor,
     tokens = torch.cat([prompts.cpu(), cont], dim=1).to(device)  # [B, N + A]
     total = n + width
     positions = torch.arange(total, device=device).repeat(num_seq)
-    metadata = ContinuationAttention(num_seq, n, width, model.scale, trianglemix)
-    hidden = model(tokens.reshape(-1), positions, metadata).view(num_seq, total, -1)
-    logits = model.compute_logits(hidden[:, n - 1:n - 1 + width].reshape(num_seq * width, -1))
-    logp = torch.log_softmax(logits.view(num_seq, width, -1), dim=-1)
+    layers = model.model.layers
+    meta = {name: ContinuationAttention(num_seq, n, width, model.scale, c)
+            for name, c in configs.items()}
+    depart = {name: next((i for i in range(len(layers))
+                          if m.kind(i) is not AttentionKind.DENSE), len(layers))
+              for name, m in meta.items()}
+    dense = ContinuationAttention(num_seq, n, width, model.scale, None)
+    x = model.model.embed_tokens(tokens.reshape(-1))
+    cos, sin = rope_cos_sin(model._inverse_frequencies(device), positions)
+    residual, start = None, {}
+    for i in range(max(depart.values()) + 1):
+        for name in [k for k, d in depart.items() if d == i]:
+            start[name] = (x.clone(), None if residual is None else residual.clone())
+        if i == len(layers) or i == max(depart.values()):
+            break
+        x, residual = layers[i](x, residual, cos, sin, dense)
     target = cont.to(device)
-    token_nll = -logp.gather(-1, target[..., None])[..., 0]
-    hit = logp.argmax(-1) == target
     lengths = [len(c) for c in continuations]
     valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-    exact = (hit | ~valid).all(-1)
-    nll = (token_nll * valid).sum(-1)
-    return ContinuationScores(exact.tolist(), nll.tolist(), lengths)
+    out = {}
+    for name, (x, residual) in start.items():
+        for i in range(depart[name], len(layers)):
+            x, residual = layers[i](x, residual, cos, sin, meta[name])
+        hidden = model.model.norm(x) if residual is None else model.model.norm(x, residual)[0]
+        hidden = hidden.view(num_seq, total, -1)
+        logits = model.compute_logits(hidden[:, n - 1:n - 1 + width].reshape(num_seq * width, -1))
+        logp = torch.log_softmax(logits.view(num_seq, width, -1), dim=-1)
+        token_nll = -logp.gather(-1, target[..., None])[..., 0]
+        exact = ((logp.argmax(-1) == target) | ~valid).all(-1)
+        nll = (token_nll * valid).sum(-1)
+        out[name] = ContinuationScores(exact.tolist(), nll.tolist(), lengths)
+        del logits, logp
+    return out
