@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -130,6 +131,9 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
     rid = request.request_id
     t0 = time.perf_counter()
     events: _PrefillStream | None = None
+    first: FirstToken | None = None
+    pending: asyncio.Future | None = None  # the completion record, awaited shielded
+    handed = False  # the completion record went to the engine (which frees what it holds)
     try:
         offers = await decode.reserve(request)
         reserved_s = time.perf_counter() - t0
@@ -149,9 +153,14 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
             await _bounded(events.expect_end(), config.kv_complete_timeout_s, rid)
             return
         try:
-            completion = await _completion(events, config.kv_complete_timeout_s, rid)
+            # Awaited shielded: a request cancelled now leaves the wait running, and the
+            # record that still comes is handed to the engine (``_claim_orphan``).
+            pending = asyncio.ensure_future(
+                _completion(events, config.kv_complete_timeout_s, rid))
+            completion = await asyncio.shield(pending)
             # Handed to the engine before anything else is awaited: from here every exit
             # (an abort included) releases what the record holds (the object store's lease).
+            handed = True
             await decode.kv_complete(rid, first.token, completion)
             await _bounded(events.expect_end(), config.kv_complete_timeout_s, rid)
         except DisaggError:
@@ -180,6 +189,37 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
             decode.writer_done(rid)
         else:
             decode.abort(rid, fence_grace_s=config.cancel_grace_s)
+            if isinstance(first, FirstToken) and first.finish_reason is None and not handed:
+                # Past token 0 prefill only confirms its writes: its record may be on the way
+                # (or already here). Take it within the grace, then free what it holds.
+                _ORPHANS.add(task := asyncio.ensure_future(_claim_orphan(
+                    events, pending, decode, rid, first.token, config.cancel_grace_s)))
+                task.add_done_callback(_ORPHANS.discard)
+            else:
+                await events.aclose()
+
+
+_ORPHANS: set[asyncio.Future] = set()  # claims in flight (a task needs a reference to live)
+
+
+async def _claim_orphan(events: _PrefillStream, pending: asyncio.Future | None,
+                        decode: DecodeClient, rid: str, token: SampledToken,
+                        grace_s: float) -> None:
+    """The completion record of a request that ended after token 0 without taking it: given
+    to the engine, which no longer knows the request and so releases the record's lease and
+    the rows' fence at once; none within ``grace_s``: the prefill stream is closed."""
+    if pending is None:
+        pending = asyncio.ensure_future(_completion(events, grace_s, rid))
+    try:
+        # No record in time, or the engine is gone: nothing to free here.
+        with contextlib.suppress(Exception):
+            completion = await asyncio.wait_for(asyncio.shield(pending), grace_s)
+            await decode.kv_complete(rid, token, completion)
+    finally:
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+        with contextlib.suppress(Exception):
             await events.aclose()
 
 
