@@ -341,6 +341,13 @@ def _policy_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--long-share", type=float, default=0.2)
     parser.add_argument("--output-len", default="fixed:8")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="simulate: engine costs from this sim_calibration_<setup>.json "
+                             "(benchmarks.simulator.calibrate on this machine) instead of the "
+                             "app's fitted cost model")
+    parser.add_argument("--append", action="store_true",
+                        help="policies: keep the output file's rows (same workload) and add "
+                             "--rounds more rounds after them")
     add_provenance_args(parser)
     return parser
 
@@ -359,6 +366,8 @@ def main_simulate(argv: list[str]) -> int:
     ``results/routing.json``), costed by the app's own fitted CPU cost model (this machine's
     component benchmarks, ``disagg/cost_defaults.py``, scaled to the replicas' one thread):
     no serving-layer share and no contention of the engines for the 2 cores."""
+    from dataclasses import replace
+
     from benchmarks.simulator.cluster import ClusterSpec, PoolSpec
     from benchmarks.simulator.costs import Calibration, Overhead
     from benchmarks.simulator.policies import AlwaysRemote, LengthAware, RoundRobin
@@ -378,6 +387,13 @@ def main_simulate(argv: list[str]) -> int:
     settings = routing_settings(config, model_config)
     cal = Calibration(cost, Overhead(0.0, 0.0), settings.kv_bytes_per_token, 0.0,
                       (cost.source,))
+    if args.calibration is not None:  # engine costs timed on this machine, one thread
+        from benchmarks.simulator.costs import from_calibration
+
+        measured = from_calibration(args.calibration, [(0, 0.0), (1, 0.0)])
+        cost = replace(cost, prefill=measured.cost.prefill, decode=measured.cost.decode,
+                       source=measured.cost.source)
+        cal = replace(cal, cost=cost, sources=(cost.source,))
     spec = ClusterSpec((PoolSpec("default", 1, config.prefill.num_replicas),),
                        num_decode=config.decode.num_replicas, link=settings.kv_backend,
                        decode_kv_tokens=int(config.decode.kv_cache_gib * (1 << 30))
@@ -439,9 +455,12 @@ def main_policies(argv: list[str]) -> int:
     ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
              log_to_driver=False)
     rows = []
+    if args.append and out.exists():
+        rows = [r for r in json.loads(out.read_text())["rows"] if r["workload"] == workload]
+    first = 1 + max((r["round"] for r in rows), default=-1)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for round_ in range(args.rounds):
+        for round_ in range(first, first + args.rounds):
             order = args.policies if round_ % 2 == 0 else args.policies[::-1]
             for policy in order:
                 name = f"routing-{policy}-{round_}"
