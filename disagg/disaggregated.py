@@ -18,7 +18,9 @@
 6. END (any exit: finish, error, client gone, a deadline): the decode request is aborted
    (blocks freed); if the prefill stream had not ended, it is cancelled (the worker stops at
    its next layer) and the request's rows stay fenced for ``cancel_grace_s`` at most; once the
-   prefill stream has ended, ``writer_done`` frees them at once.
+   prefill stream has ended, ``writer_done`` frees them at once. A request that ends after
+   token 0 but before taking its completion record still takes it (``_claim_orphan``, within
+   ``cancel_grace_s``) and gives it to the engine, which frees its lease and rows at once.
 ``HandoffTiming`` records queue, prefill, exposed transfer and first decode time per request.
 """
 

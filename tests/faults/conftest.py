@@ -22,7 +22,7 @@ APP = "faults-ci"
 
 
 @pytest.fixture(scope="session")
-def fault_app(pytestconfig):
+def fault_app():
     import fault_fakes
     import ray
     import ray.cloudpickle
