@@ -114,7 +114,7 @@ print('loads:', source.path, sorted(p.name for p in source.path.iterdir()),
     probe|density|select|fidelity)
       if [ "$model_ok" != 1 ]; then say "== $step SKIPPED: no SmolLM2 model directory"; status[$step]=skipped; continue; fi
       case $step in
-        probe) run_step probe "${PROBE_S:-60}" "$PY" -m disagg probe-layers $DEVICE_ARG \
+        probe) run_step probe "${PROBE_S:-90}" "$PY" -m disagg probe-layers $DEVICE_ARG \
                  --num-prompts "${PROBE_PROMPTS:-16}" --prompt-tokens "${PROBE_TOKENS:-2048}" \
                  --out "$probe_json" ;;
         density) run_step density "${DENSITY_S:-45}" "$PY" -m benchmarks.dynamic_sparse density \
@@ -126,7 +126,8 @@ print('loads:', source.path, sorted(p.name for p in source.path.iterdir()),
         fidelity)
           [ -s "$probe_json" ] || { probe_json=benchmarks/results/fidelity_probe.json
             say "== fidelity: no probe from this session, probed set from $probe_json"; }
-          limit=${FIDELITY_S:-300}
+          limit=${FIDELITY_S:-300} left=$((SESSION_S - (SECONDS - t_session)))
+          [ "$left" -lt "$limit" ] && limit=$left
           run_step fidelity "$limit" "$PY" -m benchmarks.fidelity $DEVICE_ARG \
             --samples "${SAMPLES:-300}" --lengths ${LENGTHS:-8192 4096 2048} \
             --time-limit-s "$((limit - ${FIDELITY_CELL_S:-30}))" --probe-json "$probe_json" \
