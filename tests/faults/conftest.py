@@ -47,7 +47,8 @@ def fault_app():
     config = AppConfig.model_validate({
         "model": MODEL, "local_prefill_max_tokens": 8, "health_check_period_s": 1.0,
         "prefill": {"num_cpus": 0.2}, "ingress": {"num_cpus": 0.1},
-        "decode": {"num_cpus": 0.2, "remote_kv_timeout_s": PULL_DEADLINE_S}})
+        "decode": {"num_cpus": 0.2, "kv_cache_gib": 0.1,  # ~100K tokens: ample here
+                   "remote_kv_timeout_s": PULL_DEADLINE_S}})
     mp = pytest.MonkeyPatch()
     mp.setattr(deployments.app, "DecodeServer",
                DecodeServer.options(func_or_class=fault_fakes.StalledPullDecodeServer))
