@@ -3,6 +3,8 @@ decode over its KV, batching changes nothing, and the synthetic tasks land on th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from disagg_kernels.dynamic_sparse import DynamicSparseParams
@@ -161,3 +163,34 @@ def test_dynamic_sparsity_is_opt_in_and_composes_per_layer():
                                                            "triangle"]
     assert mixed.kind(0, 31).value == "dense"  # below min_tokens the dense layers stay dense
     assert "dynamic(block=16,stride=4,threshold=0.5)" in mixed.tag
+
+
+def _row(task, length, layers, dense, tm, metric="accuracy"):
+    return {"task": task, "metric": metric, "context_tokens": length, "layers": layers,
+            "n_samples": 300, "dense_score": dense, "trianglemix_score": tm,
+            "delta": tm - dense, "delta_ci95": [tm - dense - 1, tm - dense + 1],
+            "source": "engine"}
+
+
+def test_summary_judges_at_the_longest_length_where_dense_scores_above_20(tmp_path):
+    from benchmarks.fidelity import plot, summarize
+
+    rows = [_row("niah_single", 8192, "probed", 90.0, 89.5),
+            _row("niah_single", 8192, "deep_half", 90.0, 88.0),
+            _row("kv_retrieval", 2048, "probed", 30.0, 30.0),
+            _row("kv_retrieval", 2048, "deep_half", 30.0, 31.0),
+            _row("kv_retrieval", 8192, "probed", 10.0, 0.0),
+            _row("kv_retrieval", 8192, "deep_half", 10.0, 0.0),
+            _row("niah_multikey", 2048, "probed", 20.0, 20.0),
+            _row("niah_multikey", 2048, "deep_half", 20.0, 20.0),
+            _row("nll_python_stdlib", 8192, "probed", 1.3, 1.31, metric="nll")]
+    summary = summarize(rows)["tasks"]
+    assert summary["niah_single"]["judged_length"] == 8192
+    assert summary["niah_single"]["probed"]["within_target"] is True
+    assert summary["niah_single"]["deep_half"]["within_target"] is False
+    assert summary["kv_retrieval"]["judged_length"] == 2048  # dense <= 20% at 8K
+    assert summary["niah_multikey"] == {"judged_length": None}  # 20% is not above 20%
+    assert "nll_python_stdlib" not in summary
+    path = tmp_path / "fidelity.json"
+    path.write_text(json.dumps({"device": "cpu", "commit": "abc1234", "rows": rows}))
+    assert plot(path).stat().st_size > 0
