@@ -231,6 +231,8 @@ def main() -> None:
             if args.time_limit_s and time.perf_counter() - t_start > args.time_limit_s:
                 extra["cut"] = f"time limit {args.time_limit_s} s: {len(cells) - c} cells left"
                 print(extra["cut"], flush=True)
+                write_results("fidelity", rows, commit=args.commit, dirty=args.dirty, out=out,
+                              extra=extra)
                 break
             t0 = time.perf_counter()
             prompts, answers = pending.result()
