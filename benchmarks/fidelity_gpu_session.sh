@@ -108,8 +108,11 @@ print('loads:', source.path, sorted(p.name for p in source.path.iterdir()),
       run_step tests "${TESTS_S:-60}" "$PY" -m pytest -m gpu tests/kernels/test_dynamic_sparse_gpu.py \
         -q -p no:cacheprovider -rfE ;;
     ttft)
-      run_step ttft "${TTFT_S:-100}" "$PY" -m benchmarks.dynamic_sparse ttft \
-        --density-json "$OUT/dynamic_sparse_density.json" --densities ${TTFT_DENSITIES:-0.2 0.35 0.5} \
+      density_json="$OUT/dynamic_sparse_density.json"
+      [ -s "$density_json" ] || { density_json=benchmarks/results/dynamic_sparse_density.json
+        say "== ttft: no density from this session, the measured one from $density_json"; }
+      run_step ttft "${TTFT_S:-120}" "$PY" -m benchmarks.dynamic_sparse ttft \
+        --density-json "$density_json" --densities ${TTFT_DENSITIES:-0.2 0.35 0.5} \
         --out "$OUT/dynamic_sparse.json" ;;
     probe|density|select|fidelity)
       if [ "$model_ok" != 1 ]; then say "== $step SKIPPED: no SmolLM2 model directory"; status[$step]=skipped; continue; fi
