@@ -51,8 +51,10 @@ class StdlibCorpus:
         while len(out) < num_samples:
             batch = [i for _, i in zip(range(TOKENIZE_BATCH), candidates)]
             if not batch:
-                raise ValueError(f"the standard library holds only {len(out)} windows of "
-                                 f"{num_tokens} tokens")
+                if not out:
+                    raise ValueError(f"the standard library holds no window of {num_tokens} "
+                                     "tokens")
+                break  # fewer windows than asked: the cell reports its own n_samples
             self._tokenize(batch)
             for i in batch:
                 ids = self._tokens[i]
