@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -45,7 +44,6 @@ from disagg.decode.config import DecodeConfig
 from disagg.decode.engine import DecodeEngine
 from disagg.decode.scheduler import ScheduledSequence, SchedulerOutput
 from disagg.kv.block_pool import blocks_for
-from disagg.models import linear
 from disagg.models.loader import ModelSource, load_model
 from disagg.sampling import SamplingParams
 
@@ -265,9 +263,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transformers-warmup", type=int, default=6)
     parser.add_argument("--budget-s", type=float, default=1e9,
                         help="skip transformers batches that would start after this many s")
-    parser.add_argument("--baseline-cases", nargs="*", default=["1x4096"],
-                        help="cases first timed with cuBLAS for every matrix product "
-                             "(DISAGG_SKINNY_GEMM=off), in the same run")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--profile-out", type=Path, default=None,
                         help="also write a profiler summary of batch-1 4K steps here")
@@ -279,23 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = [parse_case(c) for c in args.cases]
     model = load_model(ModelSource(name=MODEL, random_config=MODEL, seed=0), device="cuda",
                        dtype=torch.bfloat16)
-    baseline = []
-    if args.baseline_cases:
-        base_cases = [parse_case(c) for c in args.baseline_cases]
-        os.environ[linear.ENV_VAR] = "off"
-        base = EngineBench(model, base_cases, args.steps + args.warmup)
-        for batch, context in base_cases:
-            baseline.append({**base.run(batch, context, args.steps, args.warmup),
-                             "matmul": "cublas"})
-            print(baseline[-1], flush=True)
-        del base
-        torch.cuda.empty_cache()
-        os.environ.pop(linear.ENV_VAR)
     bench = EngineBench(model, cases, args.steps + args.warmup)
-    extra = {"baseline_cublas": baseline, "linear_choices": [
-                 {"rows": t.rows, "n": t.out_features, "k": t.in_features, "winner": t.winner,
-                  "us": {name: round(sec * 1e6, 2) for name, sec in t.seconds.items()}}
-                 for t in bench.engine.runner.linear_timings],"model": f"random:{MODEL}", "dtype": "bfloat16", "block_size": BLOCK_SIZE,
+    extra = {"model": f"random:{MODEL}", "dtype": "bfloat16", "block_size": BLOCK_SIZE,
              "warm_up_s": bench.warm_up_s, "warm_up_error": bench.warm_up_error,
              "captured_batch_sizes": list(bench.engine.runner.graphs.captured_sizes)}
 

@@ -22,7 +22,6 @@ from disagg.decode.cuda_graphs import DecodeGraphs, DecodeInputs, graph_batch_si
 from disagg.decode.sampler import RowRequest, Sampler
 from disagg.decode.scheduler import ScheduledSequence, SchedulerOutput
 from disagg.kv.paged_cache import PagedKVCache
-from disagg.models.linear import LinearTiming, tune_linears
 from disagg.models.llama import LlamaForCausalLM
 from disagg.sampling import SampledToken
 
@@ -39,7 +38,6 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.sampler = Sampler(max(max_num_seqs, 1), self.device)
         self.graphs: DecodeGraphs | None = None
-        self.linear_timings: list[LinearTiming] = []
         if self.device.type == "cuda":
             inputs = DecodeInputs(cache, max_num_seqs)
             self.graphs = DecodeGraphs(model, inputs, graph_batch_sizes(max_num_seqs))
@@ -50,8 +48,6 @@ class ModelRunner:
         eagerly and the first step of each shape pays the compilation."""
         if self.graphs is None:
             return
-        # Before any capture: a graph keeps the matrix-product kernel it was captured with.
-        self.linear_timings = tune_linears(self.model, self.graphs.sizes)
         # Mixed batches run eagerly: both specializations of the store kernel's token count
         # (multiple of 16 or not), decode rows and a fresh prompt segment.
         for num_tokens in (15, 16):

@@ -9,9 +9,7 @@ single-device; parallelism is applied around it, never inside.
 Elementwise work goes through the fused ops of ``disagg_kernels.fused`` (Triton on CUDA, their
 PyTorch references elsewhere): residual add + RMSNorm in one pass (vLLM's layout: each layer
 takes and returns ``(hidden, residual)``), RoPE in place from one fp32 cos/sin table per
-forward, SiLU x mul written over the gate. Matrix products go through ``disagg.models.linear``:
-cuBLAS, except the few-row shapes of a decode step that its tuner measured faster on the
-skinny Triton product.
+forward, SiLU x mul written over the gate. Matrix products stay on cuBLAS.
 
 ``fuse_projections`` (run by ``load_model`` once the weights are in place) packs each layer's
 q/k/v weights into one ``[q + 2 kv, hidden]`` matrix and gate/up into one ``[2 I, hidden]``
@@ -26,12 +24,12 @@ results) until ``fuse_projections`` runs again.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from disagg_kernels import fused
 from torch import nn
 
 from disagg.attention.metadata import AttentionMetadata
 from disagg.models.config import ModelConfig
-from disagg.models.linear import linear
 from disagg.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 
@@ -104,7 +102,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens, h, kv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self._qkv is not None and self._qkv.is_current():
-            qkv = linear(x, self._qkv.weight, self._qkv.bias).view(num_tokens, h + 2 * kv, d)
+            qkv = F.linear(x, self._qkv.weight, self._qkv.bias).view(num_tokens, h + 2 * kv, d)
             fused.rope(qkv[:, :h + kv], cos, sin)  # q and k heads side by side: one launch
             q, k, v = qkv[:, :h], qkv[:, h:h + kv], qkv[:, h + kv:]
         else:
@@ -113,8 +111,7 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(num_tokens, kv, d)
             apply_rope(q, k, cos, sin)
         out = metadata.attend(self.layer_idx, q, k, v)
-        out = out.reshape(num_tokens, self.num_heads * self.head_dim)
-        return linear(out, self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -131,11 +128,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is not None and self._gate_up.is_current():
-            gate_up = linear(x, self._gate_up.weight, self._gate_up.bias)
+            gate_up = F.linear(x, self._gate_up.weight, self._gate_up.bias)
             gate, up = gate_up.chunk(2, dim=-1)
             # Written over the gate half: the down projection reads it with a row stride of 2I.
-            down = self.down_proj
-            return linear(fused.silu_mul(gate, up, out=gate), down.weight, down.bias)
+            return self.down_proj(fused.silu_mul(gate, up, out=gate))
         gate = self.gate_proj(x)
         # Written over the gate: at 128K tokens of an 8B model each [T, I] tensor is 3.8 GB.
         return self.down_proj(fused.silu_mul(gate, self.up_proj(x), out=gate))
@@ -224,4 +220,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[R, hidden]`` -> fp32 logits ``[R, vocab]``."""
-        return linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()
