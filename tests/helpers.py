@@ -99,3 +99,20 @@ class LogitsCapture:
     def compute_logits(self, hidden):
         self.logits = self.model.compute_logits(hidden)
         return self.logits
+
+
+@contextlib.contextmanager
+def small_ray():
+    """A one-CPU local Ray for transport tests, or the session's Ray (the deployments tests')
+    when one is up; shut down on exit only if started here."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=1, object_store_memory=100 << 20, include_dashboard=False,
+                 log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

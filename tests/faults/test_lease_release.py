@@ -11,6 +11,7 @@ from concurrent.futures import CancelledError
 
 import pytest
 import torch
+from helpers import small_ray
 
 from disagg.kv.layout import KVFingerprint
 from disagg.transport.base import KVHeader, KVTransferAborted
@@ -23,17 +24,10 @@ LIVENESS_S = 60.0
 
 @pytest.fixture(scope="module")
 def sender():
-    import ray
-
-    started = not ray.is_initialized()  # reuse a session's Ray (the deployments tests') if up
-    if started:
-        ray.init(num_cpus=1, object_store_memory=100 << 20, include_dashboard=False,
-                 log_to_driver=False)
-    s = RayObjectStoreKVSender(lease_s=LIVENESS_S * 10)  # never expires during the test
-    yield s
-    s.close()
-    if started:
-        ray.shutdown()
+    with small_ray():
+        s = RayObjectStoreKVSender(lease_s=LIVENESS_S * 10)  # never expires during the test
+        yield s
+        s.close()
 
 
 def _written(sender, request_id: str):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from helpers import small_ray
 
 from disagg.kv.layout import KVFingerprint, KVLayout
 from disagg.kv.paged_cache import PagedKVCache
@@ -24,15 +25,8 @@ NUM_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    import ray
-
-    started = not ray.is_initialized()  # reuse a session's Ray (the deployments tests') if up
-    if started:
-        ray.init(num_cpus=1, object_store_memory=100 << 20, include_dashboard=False,
-                 log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
+    with small_ray():
+        yield
 
 
 @pytest.fixture
