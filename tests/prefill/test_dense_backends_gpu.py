@@ -1,6 +1,6 @@
 """The dense-attention kernels on CUDA: FlashAttention-4 against an fp32 reference and against
-cuDNN (same bound as every bf16 kernel), the tuned choice routing ``dense_attention``, and the
-warm-up compiling FA4 before ready. Skipped where ``flash-attn-4`` is not installed."""
+cuDNN (same bound as every bf16 kernel), strided views of a packed qkv, and the tuned choice
+routing ``dense_attention``. Skipped where ``flash-attn-4`` is not installed."""
 
 from __future__ import annotations
 
