@@ -31,11 +31,10 @@ from collections.abc import Callable
 
 import torch
 from disagg_kernels.triangle_mix import num_kept_pairs
-from torch.nn.attention import sdpa_kernel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import add_provenance_args, print_table, unshared_state_dict, write_results
 from disagg.attention import dense_backends
-from disagg.attention.dense_backends import CAUSAL_PREFILL_BACKENDS
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
@@ -92,14 +91,14 @@ def _wall(fn: Callable[..., object], *args) -> float:
 def time_transformers(hf, req: EngineRequest, repeats: int, sdpa: str = "default"
                       ) -> tuple[float, float]:
     """(median seconds, peak GiB) of transformers' prefill of ``req`` after one warm-up, with
-    torch's SDPA dispatch as a user gets it (``default``) or with cuDNN put first (``cudnn``,
+    torch's SDPA dispatch as a user gets it (``default``) or with only cuDNN enabled (``cudnn``,
     the fastest kernel torch ships for these shapes: the strongest transformers baseline)."""
     ids = torch.tensor([req.prompt_token_ids], device=hf.device)
 
     @torch.inference_mode()
     def prefill():
         if sdpa == "cudnn":
-            with sdpa_kernel(CAUSAL_PREFILL_BACKENDS, set_priority=True):
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits.argmax(-1)
         else:
             hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits.argmax(-1)
@@ -119,7 +118,7 @@ def sdpa_kernel_names(hf, n: int = 2048) -> dict[str, list[str]]:
         with torch.inference_mode(), torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             if sdpa == "cudnn":
-                with sdpa_kernel(CAUSAL_PREFILL_BACKENDS, set_priority=True):
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                     hf(input_ids=ids, use_cache=True, logits_to_keep=1)
             else:
                 hf(input_ids=ids, use_cache=True, logits_to_keep=1)

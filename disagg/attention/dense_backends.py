@@ -27,14 +27,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from disagg.errors import DisaggError
 
-# Priority order for a causal square on cuDNN's side (set per call: the setting is process-wide,
-# and every backend stays enabled, so a concurrent call elsewhere only sees a different order).
-CAUSAL_PREFILL_BACKENDS = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
 KERNELS = ("cudnn", "fa4")
 ENV_VAR = "DISAGG_DENSE_ATTENTION"
 MIN_TUNED_TOKENS = 4096  # below this the square is milliseconds: cuDNN, untuned
@@ -118,10 +110,22 @@ def causal_square(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                      causal=True)
         return (out[0] if isinstance(out, tuple) else out).squeeze(0)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    with sdpa_kernel(CAUSAL_PREFILL_BACKENDS, set_priority=True):
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                             enable_gqa=True)
-    return out.squeeze(0).transpose(0, 1)
+    return sdpa_cudnn(qh, kh, vh, scale).squeeze(0).transpose(0, 1)
+
+
+def sdpa_cudnn(qh, kh, vh, scale: float | None) -> torch.Tensor:
+    """Causal SDPA of ``[B, H, T, D]`` on cuDNN, or on torch's default choice where cuDNN
+    refuses the shape. Only the enabled flags are switched (and restored on exit): the
+    process-wide priority order is never set. Setting it, even restored afterwards, slowed
+    every later SDPA user of the process: transformers' 128K prefill took 16.97 s after our
+    warm-up against 11.58 s before it (torch 2.11, H200; its default dispatch ran cuDNN)."""
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                                  enable_gqa=True)
+    except RuntimeError:  # no cuDNN kernel for this shape or dtype
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                              enable_gqa=True)
 
 
 def time_call(fn, *args, repeats: int) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from disagg_kernels.dynamic_sparse import dynamic_sparse_attention
 from disagg_kernels.triangle_mix import triangle_attention
 
@@ -75,16 +74,12 @@ class ContinuationAttention:
 
 
 def _batched_causal(q, k, v, num_sequences: int, scale: float) -> torch.Tensor:
-    """``B`` causal squares of one length in one SDPA call (cuDNN first, as the prefill's dense
-    squares run), ``[B * T, H, D]`` in and out."""
-    from torch.nn.attention import sdpa_kernel
-
-    from disagg.attention.dense_backends import CAUSAL_PREFILL_BACKENDS
+    """``B`` causal squares of one length in one SDPA call (on cuDNN, as the prefill's dense
+    squares run without FlashAttention-4), ``[B * T, H, D]`` in and out."""
+    from disagg.attention.dense_backends import sdpa_cudnn
 
     qh, kh, vh = (x.view(num_sequences, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-    with sdpa_kernel(CAUSAL_PREFILL_BACKENDS, set_priority=True):
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                             enable_gqa=True)
+    out = sdpa_cudnn(qh, kh, vh, scale)
     return out.transpose(1, 2).reshape(q.shape)
 
 

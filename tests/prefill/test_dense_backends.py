@@ -70,3 +70,20 @@ def test_cpu_causal_square_is_sdpa_whatever_is_chosen(monkeypatch):
     kh, vh = (x.transpose(0, 1).repeat_interleave(2, dim=0) for x in (k, v))
     ref = F.scaled_dot_product_attention(q.transpose(0, 1), kh, vh, is_causal=True)
     torch.testing.assert_close(dense_attention(q, k, v, q_start=0), ref.transpose(0, 1))
+
+
+def test_cudnn_call_leaves_the_process_sdpa_state_as_it_was():
+    """Setting SDPA's priority order, even restored, slowed every later SDPA user on the H200;
+    the cuDNN call only toggles enabled flags, restored exactly (on CPU it falls back)."""
+    order = torch._C._get_sdp_priority_order()
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled(),
+             torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled())
+    gen = torch.Generator().manual_seed(1)
+    qh, kh, vh = (torch.randn(1, 2, 16, 8, generator=gen) for _ in range(3))
+    out = db.sdpa_cudnn(qh, kh, vh, None)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
+    assert torch._C._get_sdp_priority_order() == order
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled(),
+            torch.backends.cuda.cudnn_sdp_enabled()) == flags
