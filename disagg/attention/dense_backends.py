@@ -118,7 +118,8 @@ def sdpa_cudnn(qh, kh, vh, scale: float | None) -> torch.Tensor:
     refuses the shape. Only the enabled flags are switched (and restored on exit): the
     process-wide priority order is never set. Setting it, even restored afterwards, slowed
     every later SDPA user of the process: transformers' 128K prefill took 16.97 s after our
-    warm-up against 11.58 s before it (torch 2.11, H200; its default dispatch ran cuDNN)."""
+    warm-up against 11.58 s before it (torch 2.11, H200; its default dispatch ran cuDNN).
+    The flags are process-wide too: a prefill process runs its forwards from one thread."""
     try:
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
