@@ -14,7 +14,7 @@ cuDNN plans) lands in its events. transformers (``use_cache=True``, logits of th
 one warm-up and ``--repeats`` timed runs, with torch's SDPA dispatch as a user gets it
 (``transformers_s``; the attention kernels it ran are listed in ``transformers_sdpa_kernels``)
 and, with
-``--transformers-cudnn``, with cuDNN put first (``transformers_cudnn_s``: the strongest
+``--transformers-cudnn``, with only cuDNN enabled (``transformers_cudnn_s``: the strongest
 transformers baseline). Our dense layers run the kernel the warm-up measured fastest
 (``dense_kernels``: cuDNN or FlashAttention-4). Before anything else, ``warm_up_prefill`` runs and the
 first and second 32K TriangleMix prefills after it are timed (the first must not be slower).
@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--transformers-cudnn", action="store_true",
-                        help="also time transformers with SDPA's cuDNN backend put first")
+                        help="also time transformers with only SDPA's cuDNN backend enabled")
     parser.add_argument("--no-startup", action="store_true",
                         help="skip warm_up_prefill, the first-vs-second check and the op timings")
     add_provenance_args(parser)
