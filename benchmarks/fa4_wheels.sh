@@ -38,7 +38,8 @@ case "${1:-}" in
     else
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target /tmp/fa4site /tmp/fa4stash/*.whl
-      export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages"
+      dsl=/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages
+      export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/fa4site:$dsl"
       python3 -c "from flash_attn.cute import flash_attn_func; print('fa4: imports')" ||
         echo "fa4: does not import" >&2
     fi ;;

@@ -6,18 +6,18 @@ Random weights of a named config (Llama-3.1-8B by default), bf16, token-id promp
 Our engine and transformers share the same weight tensors (transformers is built on the meta
 device and handed ours; the q/k/v and gate/up matrices, packed in ours, as copies of its own),
 so peak memory is one copy of the weights plus each run's own buffers (transformers' copies
-are subtracted from its peak). Per prompt length and mode: one warm-up prefill, ``--repeats`` timed prefills
-(``ours_s``: median, wall clock to token 0), then one instrumented pass (CUDA events around every
-layer's attention call, KV store included: ``attention_s``; ``other_s = ours_s - attention_s``).
-The instrumented pass comes last so that no first-call cost at a new length (allocator growth,
-cuDNN plans) lands in its events. transformers (``use_cache=True``, logits of the last position only):
-one warm-up and ``--repeats`` timed runs, with torch's SDPA dispatch as a user gets it
-(``transformers_s``; the attention kernels it ran are listed in ``transformers_sdpa_kernels``)
-and, with
+are subtracted from its peak). Per prompt length and mode: one warm-up prefill, ``--repeats``
+timed prefills (``ours_s``: median, wall clock to token 0), then one instrumented pass (CUDA
+events around every layer's attention call, KV store included: ``attention_s``;
+``other_s = ours_s - attention_s``). The instrumented pass comes last so that no first-call
+cost at a new length (allocator growth, cuDNN plans) lands in its events. Our dense layers run
+the kernel the warm-up measured fastest (``dense_kernels``: cuDNN or FlashAttention-4).
+transformers (``use_cache=True``, logits of the last position only): one warm-up and
+``--repeats`` timed runs with torch's SDPA dispatch as a user gets it (``transformers_s``; the
+attention kernels it ran are in ``transformers_sdpa_kernels``) and, with
 ``--transformers-cudnn``, with only cuDNN enabled (``transformers_cudnn_s``: the strongest
-transformers baseline). Our dense layers run the kernel the warm-up measured fastest
-(``dense_kernels``: cuDNN or FlashAttention-4). Before anything else, ``warm_up_prefill`` runs and the
-first and second 32K TriangleMix prefills after it are timed (the first must not be slower).
+transformers baseline). Before anything else, ``warm_up_prefill`` runs and the first and second
+32K TriangleMix prefills after it are timed (the first must not be slower).
 Results: ``benchmarks/results/ttft.json``, written after every point.
 """
 

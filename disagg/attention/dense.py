@@ -3,10 +3,10 @@
 A whole causal square (a prefill's dense layers) on CUDA runs on the kernel that
 ``dense_backends`` measured fastest for its shape: cuDNN by explicit choice (545-600 TFLOP/s
 causal on the H200; FA2 1.7x slower) or FlashAttention-4 where it is installed and faster.
-A query range against a longer key range (decode rows, chunks) needs a mask or lower-right causality: cuDNN runs
-those without tile skipping and rebuilds plans when the mask's shape changes, so they keep
-torch's default choice. Grouped-query attention is native (``enable_gqa``): K/V are never
-repeated to all query heads. On CPU SDPA runs its math kernel.
+A query range against a longer key range (decode rows, chunks) needs a mask or lower-right
+causality: cuDNN runs those without tile skipping and rebuilds plans when the mask's shape
+changes, so they keep torch's default choice. Grouped-query attention is native
+(``enable_gqa``): K/V are never repeated to all query heads. On CPU SDPA runs its math kernel.
 """
 
 from __future__ import annotations

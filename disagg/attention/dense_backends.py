@@ -146,15 +146,22 @@ def time_call(fn, *args, repeats: int) -> float:
 def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
                 dtype: torch.dtype, max_tokens: int, repeats: int = 3,
                 kernels: Iterable[str] = KERNELS) -> list[Timing]:
-    """Time every kernel at each bucket from ``MIN_TUNED_TOKENS`` to ``max_tokens`` and record
-    the faster; returns the measurements (nothing is tuned when FA4 does not import)."""
+    """Time every kernel at each bucket from ``MIN_TUNED_TOKENS`` to ``max_tokens`` not tuned
+    yet (choices are process-wide: a second engine of the same heads measures nothing again)
+    and record the faster; returns the new measurements (none when FA4 does not import). The
+    buffers of the measurements go back to the device when it ends."""
     kernels = [k for k in kernels if k != "fa4" or fa4_available()]
     if len(kernels) < 2 or device.type != "cuda":
         return []
+    lengths, n = [], MIN_TUNED_TOKENS
+    while not lengths or lengths[-1] < max_tokens:
+        lengths.append(min(n, max_tokens))
+        n *= 2
     timings = []
-    n = MIN_TUNED_TOKENS
-    while True:
-        tokens = min(n, max_tokens)
+    for tokens in lengths:
+        key = ShapeKey(bucket(tokens), num_heads, num_kv_heads, head_dim, dtype)
+        if key in _CHOICES:
+            continue
         gen = torch.Generator(device=device).manual_seed(tokens)
         q = torch.randn(tokens, num_heads, head_dim, device=device, dtype=dtype, generator=gen)
         k = torch.randn(tokens, num_kv_heads, head_dim, device=device, dtype=dtype,
@@ -162,13 +169,11 @@ def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head
         v = torch.randn_like(k)
         seconds = {name: time_call(causal_square, q, k, v, None, name, repeats=repeats)
                    for name in kernels}
-        key = _key(q, k)
         winner = min(seconds, key=seconds.get)
         _CHOICES[key] = winner
         timings.append(Timing(key, tokens, seconds, winner))
-        if tokens >= max_tokens:
-            break
-        n *= 2
+        del q, k, v
+    torch.cuda.empty_cache()
     return timings
 
 
