@@ -5,12 +5,16 @@ against transformers' static-cache decode under ``torch.compile(mode="reduce-ove
         [--steps 32] [--warmup 4] [--transformers-batches 1 32] [--sweep]
 
 Random weights of Llama-3.1-8B, bf16, token ids (seed 0). One ``DecodeEngine`` for all cases,
-warmed up (kernels compiled, graphs captured) before anything is timed. Its KV pool is filled
-with random rows directly (a 128K prefill is not needed to time decode); each case allocates
-``batch`` block tables from the engine's pool, and every step hands the runner the batch the
-scheduler would (one new token per sequence, at position ``context - 1`` onward, greedy, the
-token sampled last step fed back), exactly as ``DecodeEngine.step`` calls it. ``itl_ms`` is the
-median wall time of a step (each ends in the one device-to-host transfer of its tokens);
+warmed up (kernels compiled, graphs captured) before anything is timed. Two measurements:
+- ``itl_ms``: the engine as served. ``batch`` requests of ``context - 1`` random prompt tokens
+  go through ``add_request`` (the engine prefills them itself, untimed) and ``DecodeEngine.step``
+  runs until they end, greedy, with its default ``async_scheduling`` (each step's forward
+  queued before the previous one's tokens are read). ITL = the median time between
+  consecutive steps that report a token of the first request, after ``--warmup`` of them.
+- ``sync_step_ms``: one step at a time on the runner. The KV pool is filled with random rows
+  directly; each step hands ``ModelRunner.execute`` the batch the scheduler would (one new token
+  per sequence at position ``context - 1`` onward, the token sampled last step fed back) and
+  waits for its tokens: graph replay + sampling + the host's staging, not overlapped.
 ``gpu_ms`` is a replay of the step's graph alone (no staging, no sampling).
 
 Bytes per step: every weight matrix once (the embedding table contributes only ``batch`` rows)
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import time
@@ -45,11 +50,12 @@ from disagg.decode.engine import DecodeEngine
 from disagg.decode.scheduler import ScheduledSequence, SchedulerOutput
 from disagg.kv.block_pool import blocks_for
 from disagg.models.loader import ModelSource, load_model
+from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
 
 BLOCK_SIZE = 16
 MODEL = "llama-3.1-8b"
-COLUMNS = ["batch", "context_tokens", "itl_ms", "gpu_ms", "achieved_gbps",
+COLUMNS = ["batch", "context_tokens", "itl_ms", "sync_step_ms", "gpu_ms", "achieved_gbps",
            "transformers_itl_ms", "speedup"]
 SWEEP_CONFIGS = [DecodeTileConfig(32, 4, 2), DecodeTileConfig(64, 4, 2),
                  DecodeTileConfig(64, 4, 3), DecodeTileConfig(128, 4, 2),
@@ -117,14 +123,37 @@ class EngineBench:
             for t in tables:
                 engine.pool.free(t)
         itl_s = statistics.median(step_s)
-        kv = batch * (context + warmup + steps / 2) * engine.layout.bytes_per_token
-        moved = weight_bytes_read(self.model, batch) + kv
-        return {"batch": batch, "context_tokens": context, "itl_ms": itl_s * 1e3,
-                "itl_mean_ms": statistics.fmean(step_s) * 1e3, "gpu_ms": gpu_ms,
-                "achieved_gbps": moved / itl_s / 1e9, "bytes_per_step": int(moved),
+        return {"batch": batch, "context_tokens": context, "sync_step_ms": itl_s * 1e3,
+                "sync_step_mean_ms": statistics.fmean(step_s) * 1e3, "gpu_ms": gpu_ms,
                 "num_splits": pick_num_splits(runner.graphs.padded_size(batch),
                                               engine.layout.num_kv_heads,
                                               engine.cache.device)}
+
+    def run_engine(self, batch: int, context: int, steps: int, warmup: int) -> dict:
+        """ITL of the engine's own step loop (module docstring), as served."""
+        engine = self.engine
+        vocab = self.model.config.vocab_size
+        g = torch.Generator().manual_seed(batch * 7 + context)
+        for b in range(batch):
+            engine.add_request(EngineRequest.create(
+                f"e{b}", torch.randint(0, vocab, (context - 1,), generator=g).tolist(),
+                SamplingParams(temperature=0.0, max_tokens=warmup + steps + 2, ignore_eos=True),
+                vocab_size=vocab, context=self.model.config.max_context_tokens))
+        overlapped0, times = engine.num_overlapped_steps, []
+        while engine.has_unfinished():
+            outputs = engine.step()
+            if any(o.request_id == "e0" and o.token is not None for o in outputs):
+                times.append(time.perf_counter())
+        torch.cuda.synchronize()
+        intervals = [b - a for a, b in itertools.pairwise(times)][warmup:]
+        itl_s = statistics.median(intervals)
+        kv = batch * (context + warmup + steps / 2) * engine.layout.bytes_per_token
+        moved = weight_bytes_read(self.model, batch) + kv
+        return {"itl_ms": itl_s * 1e3, "itl_mean_ms": statistics.fmean(intervals) * 1e3,
+                "itl_p90_ms": statistics.quantiles(intervals, n=10)[-1] * 1e3,
+                "achieved_gbps": moved / itl_s / 1e9, "bytes_per_step": int(moved),
+                "overlapped_steps": engine.num_overlapped_steps - overlapped0,
+                "async_scheduling": engine.async_scheduling}
 
     def profile(self, batch: int, context: int, steps: int = 5) -> dict:
         """A torch-profiler trace of ``steps`` steps of the case: the CUDA kernels by total
@@ -287,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for batch, context in cases:
         rows.append(bench.run(batch, context, args.steps, args.warmup))
+        rows[-1].update(bench.run_engine(batch, context, args.steps, args.warmup))
         rows[-1]["transformers_itl_ms"] = None
         print(rows[-1], flush=True)
         save(rows)

@@ -71,7 +71,7 @@ def engine_alone(config: AppConfig, lengths: list[int], repeats: int) -> dict[in
     del prefill
     bench = EngineBench(model, [(1, n) for n in lengths], steps=25)  # steps + warm-up
     for n in lengths:
-        out[n]["engine_decode_step_ms"] = bench.run(1, n, steps=20, warmup=5)["itl_ms"]
+        out[n]["engine_decode_step_ms"] = bench.run(1, n, steps=20, warmup=5)["sync_step_ms"]
     del bench, model
     gc.collect()
     torch.cuda.empty_cache()

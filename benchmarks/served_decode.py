@@ -68,7 +68,7 @@ def main() -> None:
     source = resolve_source(config)
     model = load_model(source, device=torch.device("cuda"), dtype=torch.bfloat16)
     bench = EngineBench(model, [(1, args.context)], steps=args.max_tokens + 10)
-    engine_itl_ms = bench.run(1, args.context, steps=args.max_tokens, warmup=5)["itl_ms"]
+    engine_itl_ms = bench.run_engine(1, args.context, steps=args.max_tokens, warmup=5)["itl_ms"]
     del bench, model
     gc.collect()
     torch.cuda.empty_cache()

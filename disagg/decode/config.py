@@ -28,6 +28,10 @@ class DecodeConfig:
     KV destination expires with it: no prefill writes there afterwards)."""
     eos_token_ids: tuple[int, ...] | None = None
     """End-of-sequence ids; None: the model config's."""
+    async_scheduling: bool | None = None
+    """Queue each decode step's forward before reading the previous one's tokens, so the host's
+    work of a step overlaps the device's (vLLM's async scheduling); None: on CUDA only (on the
+    CPU the forward itself runs on the host, so nothing overlaps)."""
 
     def __post_init__(self):
         if self.block_size < 1:

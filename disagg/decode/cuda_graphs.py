@@ -52,11 +52,13 @@ class DecodeInputs:
         device, pin = cache.device, cache.device.type == "cuda"
         # Every host->device copy is of a whole contiguous pinned buffer (or its prefix), so
         # none of them waits for the device.
-        self._host_tokens = torch.zeros(3, max_rows, dtype=torch.int64, pin_memory=pin)
+        # Rows: token id, position, new-token slot, and the row of the previous step's sampled
+        # tokens a placeholder token id is taken from (``take_tokens``).
+        self._host_tokens = torch.zeros(4, max_rows, dtype=torch.int64, pin_memory=pin)
         self._host_lens = torch.zeros(max_rows, dtype=torch.int32, pin_memory=pin)
         self._host_tables = torch.zeros(max_rows * self.max_blocks, dtype=torch.int32,
                                         pin_memory=pin)  # [n, width] packed, width per step
-        self.tokens = torch.zeros(3, max_rows, dtype=torch.int64, device=device)
+        self.tokens = torch.zeros(4, max_rows, dtype=torch.int64, device=device)
         self.context_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self._packed_tables = torch.zeros(max_rows * self.max_blocks, dtype=torch.int32,
                                           device=device)
@@ -65,8 +67,11 @@ class DecodeInputs:
         self._rows: dict[str, tuple[BlockTable, np.ndarray]] = {}
         self._copied = torch.cuda.Event() if pin else None  # the last copies out of staging
 
-    def stage(self, sequences: Sequence[ScheduledSequence], num_rows: int) -> None:
-        """Fill rows ``0 .. num_rows-1`` for ``sequences`` (one new token each), then padding."""
+    def stage(self, sequences: Sequence[ScheduledSequence], num_rows: int,
+              sources: Sequence[int] | None = None) -> None:
+        """Fill rows ``0 .. num_rows-1`` for ``sequences`` (one new token each), then padding.
+        ``sources``: per row, the row of the previous step's sampled tokens that
+        ``take_tokens`` copies in as its token id (for placeholder token ids)."""
         n, bs = len(sequences), self.cache.block_size
         if self._copied is not None:
             # A step that sampled nothing did not wait for the device: let the last copies out
@@ -93,7 +98,9 @@ class DecodeInputs:
             tokens[2, :n] = tables[np.arange(n), positions // bs].astype(np.int64) * bs \
                 + positions % bs
         lens[:n] = positions + 1
+        tokens[3, :n] = 0 if sources is None else sources
         tokens[0, n:num_rows], tokens[1, n:num_rows], tokens[2, n:num_rows] = 0, 0, -1
+        tokens[3, n:num_rows] = 0
         lens[n:num_rows] = 0
         self.tokens.copy_(self._host_tokens, non_blocking=True)
         self.context_lens.copy_(self._host_lens, non_blocking=True)
@@ -103,6 +110,11 @@ class DecodeInputs:
             self.block_tables[:n, :width].copy_(packed.view(n, width))
         if self._copied is not None:
             self._copied.record()
+
+    def take_tokens(self, num_rows: int, sampled: torch.Tensor) -> None:
+        """Token ids of rows ``0 .. num_rows-1`` from ``sampled`` (device int64, the previous
+        step's tokens) at the staged source rows, on the device: the host never waits for them."""
+        self.tokens[0, :num_rows] = sampled.index_select(0, self.tokens[3, :num_rows])
 
     def metadata(self, num_rows: int, scale: float) -> PagedAttention:
         """Attention metadata over the first ``num_rows`` rows of the buffers."""

@@ -11,19 +11,52 @@ Life of one batch here:
    the device with the request's seed and generated-token index (``sampler.py``), so a token
    does not depend on the batch it was computed in, nor on which worker sampled it. The batch's
    tokens come back in one device-to-host transfer.
+``execute`` does all of it and waits; ``launch`` queues it and returns a ``PendingForward``
+that ``land`` reads later, so the engine can queue the next decode step first. That step's
+token ids are placeholders taken on the device from the pending forward's samples.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from disagg.attention.paged import PagedAttention, PrefillSegment, SequenceSlice
 from disagg.decode.cuda_graphs import DecodeGraphs, DecodeInputs, graph_batch_sizes
-from disagg.decode.sampler import RowRequest, Sampler
-from disagg.decode.scheduler import ScheduledSequence, SchedulerOutput
+from disagg.decode.sampler import PendingSample, RowRequest, Sampler
+from disagg.decode.scheduler import PLACEHOLDER_TOKEN, ScheduledSequence, SchedulerOutput
 from disagg.kv.paged_cache import PagedKVCache
 from disagg.models.llama import LlamaForCausalLM
 from disagg.sampling import SampledToken
+
+
+@dataclass(frozen=True)
+class PendingForward:
+    """A forward queued on the device whose sampled tokens the host has not read yet."""
+
+    batch: SchedulerOutput
+    sampled: tuple[ScheduledSequence, ...]  # the sequences that sample, in row order
+    sample: PendingSample | None  # None: nothing to sample
+    fence: int = 0  # the block pool's fence of this forward (``DecodeEngine``)
+
+
+def _placeholder_sources(sequences: list[ScheduledSequence],
+                         previous: PendingForward | None) -> list[int] | None:
+    """Per row, the row of ``previous``'s sampled tokens its placeholder token comes from;
+    None when no row has a placeholder."""
+    marked = [s.token_ids == (PLACEHOLDER_TOKEN,) for s in sequences]
+    if not any(marked):
+        return None
+    if not all(marked) or previous is None or previous.sample is None:
+        raise ValueError("placeholder tokens need every row to be one, and the previous "
+                         "forward's samples")
+    rows = {s.request_id: i for i, s in enumerate(previous.sampled)}
+    try:
+        return [rows[s.request_id] for s in sequences]
+    except KeyError as e:
+        raise ValueError(f"placeholder token of {e.args[0]!r}: not sampled by the previous "
+                         "forward") from None
 
 
 class ModelRunner:
@@ -75,35 +108,57 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> dict[str, SampledToken]:
         """Forward ``batch`` once; return the sampled token of every sequence that got one."""
-        to_sample, logits = self.forward_logits(batch)
-        if not to_sample:
-            return {}
-        tokens = self.sampler.sample(logits, [RowRequest(s.params, s.seed, s.sample_step)
-                                              for s in to_sample])
-        return {s.request_id: t for s, t in zip(to_sample, tokens)}
+        return self.land(self.launch(batch))
 
     @torch.inference_mode()
-    def forward_logits(self, batch: SchedulerOutput
+    def launch(self, batch: SchedulerOutput, previous: PendingForward | None = None
+               ) -> PendingForward:
+        """Queue ``batch``'s forward and sampling on the device; wait for nothing. Sequences
+        whose token is ``PLACEHOLDER_TOKEN`` take it on the device from ``previous`` (the
+        forward launched just before, not yet landed) — every row of such a batch must."""
+        to_sample, logits = self.forward_logits(batch, previous)
+        if not to_sample:
+            return PendingForward(batch, (), None)
+        sample = self.sampler.launch(logits, [RowRequest(s.params, s.seed, s.sample_step)
+                                              for s in to_sample])
+        return PendingForward(batch, tuple(to_sample), sample)
+
+    def land(self, pending: PendingForward) -> dict[str, SampledToken]:
+        """The sampled tokens of a launched forward, by request id (waits for them)."""
+        if pending.sample is None:
+            return {}
+        tokens = self.sampler.read(pending.sample)
+        return {s.request_id: t for s, t in zip(pending.sampled, tokens)}
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: SchedulerOutput, previous: PendingForward | None = None
                        ) -> tuple[list[ScheduledSequence], torch.Tensor]:
         """One forward: the sequences that sample, and fp32 logits ``[R, V]`` whose first rows
         are theirs, in that order (rows past them are padding)."""
         sequences = sorted(batch.sequences, key=lambda s: len(s.token_ids) > 1)
         sampled = [i for i, s in enumerate(sequences) if s.sample_step is not None]
+        sources = _placeholder_sources(sequences, previous)
         self.num_forwards += 1
         padded = self.graphs.padded_size(len(sequences)) if self.graphs else None
         if padded is not None and all(len(s.token_ids) == 1 for s in sequences):
-            self.graphs.inputs.stage(sequences, padded)
+            inputs = self.graphs.inputs
+            inputs.stage(sequences, padded, sources)
+            if sources is not None:
+                inputs.take_tokens(len(sequences), previous.sample.token_ids)
             logits = self.graphs.run(padded)
             if len(sampled) < len(sequences):  # a one-token prompt chunk that ends mid-prompt
                 logits = logits[torch.tensor(sampled, device=self.device)]
         else:
-            logits = self._eager_logits(sequences, sampled)
+            logits = self._eager_logits(sequences, sampled, sources, previous)
         return [sequences[i] for i in sampled], logits
 
-    def _eager_logits(self, sequences: list[ScheduledSequence], sampled: list[int]
+    def _eager_logits(self, sequences: list[ScheduledSequence], sampled: list[int],
+                      sources: list[int] | None, previous: PendingForward | None
                       ) -> torch.Tensor:
         input_ids = torch.tensor([t for s in sequences for t in s.token_ids],
                                  dtype=torch.long, device=self.device)
+        if sources is not None:  # one token per row: row i is input i
+            input_ids = previous.sample.token_ids[torch.tensor(sources, device=self.device)]
         positions = torch.cat([
             torch.arange(s.num_computed_tokens, s.num_computed_tokens + len(s.token_ids),
                          device=self.device) for s in sequences])

@@ -107,40 +107,86 @@ class RowRequest:
     step: int
 
 
+@dataclass
+class PendingSample:
+    """A batch's sampling launched on the device and not yet read: ``token_ids`` (device
+    int64 ``[R]``, usable by the next forward at once) and the packed rows on their way to the
+    host (pinned on CUDA; readable once ``done`` has passed)."""
+
+    rows: tuple[RowRequest, ...]
+    token_ids: torch.Tensor
+    packed: torch.Tensor
+    done: torch.cuda.Event | None
+
+
 class Sampler:
     """Per-row sampling parameters in persistent buffers (pinned on CUDA), copied to the device
-    in two transfers; the sampled batch comes back in one."""
+    in two transfers; the sampled batch comes back in one.
+
+    The host buffers are double-buffered: a batch's parameters may still be on their way to
+    the device (behind the forward that precedes them) while the next batch's are written."""
 
     def __init__(self, max_rows: int, device: torch.device):
         self.device = device
         pin = device.type == "cuda"
-        self._host_f = torch.zeros(2, max_rows, dtype=torch.float32, pin_memory=pin)
-        self._host_i = torch.zeros(3, max_rows, dtype=torch.int64, pin_memory=pin)
+        self._pin = pin
+        self._host_f = [torch.zeros(2, max_rows, dtype=torch.float32, pin_memory=pin)
+                        for _ in range(2)]
+        self._host_i = [torch.zeros(3, max_rows, dtype=torch.int64, pin_memory=pin)
+                        for _ in range(2)]
+        self._copied = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._slot = 0
         self._dev_f = torch.zeros(2, max_rows, dtype=torch.float32, device=device)
         self._dev_i = torch.zeros(3, max_rows, dtype=torch.int64, device=device)
         self.max_rows = max_rows
 
     def sample(self, logits: torch.Tensor, rows: Sequence[RowRequest]) -> list[SampledToken]:
         """Sample ``logits [R, V]`` (fp32; R >= len(rows), extra rows ignored)."""
+        return self.read(self.launch(logits, rows))
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[RowRequest]) -> PendingSample:
+        """Queue the sampling of ``logits [R, V]``'s first ``len(rows)`` rows and the transfer
+        of its result to the host; waits for nothing on the device."""
         n = len(rows)
         if n > self.max_rows:
             raise ValueError(f"{n} rows to sample, the sampler holds {self.max_rows}")
         any_random = any(r.params.temperature > 0 for r in rows)
         if any_random:  # greedy rows read no parameter: a greedy batch copies none
-            f, i = self._host_f.numpy(), self._host_i.numpy()
+            slot = self._slot = 1 - self._slot
+            if self._copied[slot] is not None:
+                self._copied[slot].synchronize()  # two batches ago: long done
+            host_f, host_i = self._host_f[slot], self._host_i[slot]
+            f, i = host_f.numpy(), host_i.numpy()
             f[0, :n] = [r.params.temperature for r in rows]
             f[1, :n] = [r.params.top_p for r in rows]
             i[0, :n] = [r.params.top_k for r in rows]
             i[1, :n] = [_signed64(r.seed) for r in rows]
             i[2, :n] = [r.step for r in rows]
-            self._dev_f.copy_(self._host_f, non_blocking=True)  # whole buffers: contiguous
-            self._dev_i.copy_(self._host_i, non_blocking=True)
+            self._dev_f.copy_(host_f, non_blocking=True)  # whole buffers: contiguous
+            self._dev_i.copy_(host_i, non_blocking=True)
+            if self._copied[slot] is not None:
+                self._copied[slot].record()
         asked = [r.params.logprobs for r in rows if r.params.logprobs is not None]
         packed = sample_rows(
             logits[:n], self._dev_f[0, :n], self._dev_f[1, :n], self._dev_i[0, :n],
             self._dev_i[1, :n], self._dev_i[2, :n], any_random=any_random,
-            num_logprobs=max(asked) if asked else None).cpu().numpy()
-        return [_token(packed[b], r.params.logprobs) for b, r in enumerate(rows)]
+            num_logprobs=max(asked) if asked else None)
+        token_ids = packed[:, 0].to(torch.int64)  # exact: ids < 2**53
+        done = None
+        if self._pin:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            packed = host
+        return PendingSample(tuple(rows), token_ids, packed, done)
+
+    def read(self, pending: PendingSample) -> list[SampledToken]:
+        """The tokens of a launched batch (waits for its transfer)."""
+        if pending.done is not None:
+            pending.done.synchronize()
+        packed = pending.packed.numpy()
+        return [_token(packed[b], r.params.logprobs) for b, r in enumerate(pending.rows)]
 
 
 def _token(row: np.ndarray, num_logprobs: int | None) -> SampledToken:

@@ -13,6 +13,13 @@ Life of one step here:
       with blocks for all its tokens.
 2. The runner does one forward for the batch and samples where a sequence reached its end.
 3. ``update``: append sampled tokens, finish requests on a stop id, EOS or max_tokens.
+Overlapped steps (``DecodeEngine`` with ``async_scheduling``): while a pure-decode batch is in
+flight, ``continue_decode`` makes the next one from it (every row one position on, its token a
+placeholder the runner takes on the device from the batch in flight), so that the next forward
+is queued before the host reads the current one's tokens. It declines whenever the batch would
+change (a request to admit, a prompt chunk to run, a block that needs a preemption): the engine
+then lands the batch in flight and schedules normally. A row whose request ended meanwhile is
+dropped by ``update`` (its token is discarded; its blocks were held by the pool, not reused).
 Every end of a request (finish, abort, error) goes through ``_finish``: blocks back to the
 pool, lease released, output emitted (none for abort: the caller knows).
 """
@@ -30,6 +37,9 @@ from disagg.kv.block_pool import BlockPool, BlockTable, blocks_for
 from disagg.request import EngineRequest
 from disagg.sampling import SampledToken, SamplingParams
 from disagg.transport.base import KVCompletion, KVDestination
+
+PLACEHOLDER_TOKEN = -1
+"""The token id of a row whose token the previous forward is still sampling on the device."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +182,9 @@ class Scheduler:
         """Apply one forward's results; return this step's outputs."""
         outputs, self._outputs = self._outputs, []
         for seq in batch.sequences:
-            req = self.requests[seq.request_id]
+            req = self.requests.get(seq.request_id)
+            if req is None or req.num_computed_tokens != seq.num_computed_tokens:
+                continue  # ended (or ended and its id reused) while the forward was in flight
             req.num_computed_tokens += len(seq.token_ids)
             token = sampled.get(seq.request_id)
             if token is None:
@@ -187,6 +199,42 @@ class Scheduler:
                                        kv_receive_s=req.kv_receive_s))
             req.kv_receive_s = None  # reported once, on the first decoded token
         return outputs
+
+    def continue_decode(self, batch: SchedulerOutput) -> SchedulerOutput | None:
+        """The decode step after ``batch`` (in flight, not yet ``update``d): every live row one
+        position on with a placeholder token; None when the next step needs ``schedule``.
+        Polls remote pulls and reserves blocks for queued remote requests, as ``schedule``."""
+        self._poll_remote()
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return None  # something to admit
+        live = []
+        for seq in batch.sequences:
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue  # aborted while in flight
+            if len(seq.token_ids) != 1 or seq.sample_step is None \
+                    or req.status is not RequestStatus.RUNNING \
+                    or req.num_computed_tokens != seq.num_computed_tokens:
+                return None
+            if seq.sample_step + 1 < req.request.max_tokens:  # else it ends with this batch
+                live.append((seq, req))
+        carried = {seq.request_id for seq in batch.sequences}
+        if not live or any(r.request_id not in carried for r in self.running):
+            return None  # nothing to continue, or a running sequence this batch lacks
+        bs = self.pool.block_size
+        missing = [blocks_for(seq.num_computed_tokens + 2, bs) - req.block_table.num_blocks
+                   for seq, req in live]
+        if not self.pool.can_allocate(sum(m for m in missing if m > 0)):
+            return None  # schedule preempts
+        rows = []
+        for (seq, req), m in zip(live, missing):
+            if m > 0:
+                req.block_table = self.pool.grow(req.block_table, m)
+            rows.append(ScheduledSequence(
+                req.request_id, (PLACEHOLDER_TOKEN,), seq.num_computed_tokens + 1,
+                req.block_table, seq.sample_step + 1, seq.params, seq.seed))
+        self.arrivals.reserve()
+        return SchedulerOutput(tuple(rows))
 
     def _check_new(self, request: EngineRequest) -> None:
         if request.request_id in self.requests:

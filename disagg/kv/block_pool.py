@@ -10,7 +10,10 @@ Life of a request's blocks:
    will arrive into these blocks). The pool returns as few runs as it can.
 2. Grow: ``grow(table, n)`` as generated tokens fill the last block; it extends the last run in
    place when the blocks right after it are free.
-3. Free: ``free(table)`` when the request finishes, is aborted, fails or is preempted.
+3. Free: ``free(table)`` when the request finishes, is aborted, fails or is preempted. While
+   a forward that may still write the table's rows is in flight on the device (the decode
+   engine's overlapped steps), the engine holds frees: ``hold_frees_until(fence)``; they
+   return to the free space at ``release_held(fence)``, once that forward has landed.
 
 Pure bookkeeping: no tensors here (``paged_cache.py`` owns the storage).
 """
@@ -80,6 +83,26 @@ class BlockPool:
         self._free_starts: list[int] = [0]  # sorted; parallel to _free_lengths
         self._free_lengths: list[int] = [num_blocks]
         self.num_free_blocks = num_blocks
+        self._fence: int | None = None  # frees now wait for the forward of this fence
+        self._held: list[tuple[int, BlockTable]] = []
+
+    @property
+    def num_held_blocks(self) -> int:
+        """Freed blocks that a forward still in flight may write: not yet free."""
+        return sum(t.num_blocks for _, t in self._held)
+
+    def hold_frees_until(self, fence: int | None) -> None:
+        """Frees from now on wait for ``release_held(fence)`` (fences increase); None: free
+        at once again."""
+        self._fence = fence
+
+    def release_held(self, fence: int) -> None:
+        """The forward of ``fence`` landed: free what was held for it or an earlier one."""
+        ready = [t for f, t in self._held if f <= fence]
+        self._held = [(f, t) for f, t in self._held if f > fence]
+        for table in ready:
+            for r in table.ranges:
+                self._insert_free(r)
 
     @property
     def capacity_tokens(self) -> int:
@@ -111,7 +134,12 @@ class BlockPool:
         return BlockTable((*ranges, *self._take(num_blocks)))
 
     def free(self, table: BlockTable) -> None:
-        """Return every block of ``table`` (a double free raises: it would corrupt the pool)."""
+        """Return every block of ``table`` (a double free raises: it would corrupt the pool);
+        held while frees are held (``hold_frees_until``)."""
+        if self._fence is not None:
+            if table.ranges:
+                self._held.append((self._fence, table))
+            return
         for r in table.ranges:
             self._insert_free(r)
 

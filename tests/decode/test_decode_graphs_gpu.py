@@ -100,3 +100,43 @@ def test_device_sampler_equals_sample_on_cuda_logits():
             if b.logprob is not None:
                 assert abs(a.logprob - b.logprob) <= 1e-5
                 assert [i for i, _ in a.top_logprobs] == [i for i, _ in b.top_logprobs]
+
+
+def test_overlapped_steps_equal_one_step_at_a_time_on_cuda_graphs():
+    """``async_scheduling`` on CUDA (graph replays fed placeholder tokens on the device, the
+    host reading each step's tokens one step late) gives bit-identical tokens and logprobs:
+    with every request ending by length, both engines run the same batches."""
+    name = "tiny-llama"
+    source = ModelSource(name=name, random_config=name, seed=0)
+    model = load_model(source, device="cuda", dtype=torch.bfloat16)
+    vocab = model.config.vocab_size
+    rng = random.Random(1)
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (3, 700, 41, 129, 9)]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=25, ignore_eos=True, seed=4),
+              SamplingParams(temperature=1.1, top_k=20, max_tokens=33, ignore_eos=True, seed=7),
+              SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True)]
+    results, engines = [], []
+    for overlapped in (False, True):
+        engine = DecodeEngine(model, DecodeConfig(num_blocks=512, max_num_seqs=8,
+                                                  max_num_batched_tokens=1024,
+                                                  async_scheduling=overlapped),
+                              model_name=name)
+        engine.warm_up()
+        for i, (ids, p) in enumerate(zip(prompts, params)):
+            engine.add_request(EngineRequest.create(
+                f"r{i}", ids, p, vocab_size=vocab, context=model.config.max_context_tokens))
+        got: dict[str, list] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.token is not None:
+                    got.setdefault(out.request_id, []).append(
+                        (out.token.token_id, out.token.logprob, out.token.top_logprobs))
+        assert engine.num_free_blocks == engine.num_total_blocks
+        results.append(got)
+        engines.append(engine)
+    assert results[1] == results[0]
+    assert {k: len(v) for k, v in results[1].items()} == {
+        "r0": 40, "r1": 25, "r2": 33, "r3": 1, "r4": 17}
+    assert engines[1].num_overlapped_steps > 20 and engines[0].num_overlapped_steps == 0
