@@ -82,7 +82,7 @@ class EngineBench:
     """The engine of every case, its pool filled with random K/V."""
 
     def __init__(self, model, cases, steps: int):
-        need = max(b * blocks_for(ctx + steps + 2, BLOCK_SIZE) for b, ctx in cases)
+        need = max(b * blocks_for(ctx + steps + b + 2, BLOCK_SIZE) for b, ctx in cases)
         config = DecodeConfig(block_size=BLOCK_SIZE, num_blocks=need,
                               max_num_seqs=max(64, *(b for b, _ in cases)),
                               max_num_batched_tokens=4096)
@@ -130,26 +130,35 @@ class EngineBench:
                                               engine.cache.device)}
 
     def run_engine(self, batch: int, context: int, steps: int, warmup: int) -> dict:
-        """ITL of the engine's own step loop (module docstring), as served."""
+        """ITL of the engine's own step loop (module docstring), as served: the intervals
+        between steps reporting a token of the first request while every request decodes
+        (after the last prefill, before the first end), the first ``warmup`` dropped."""
         engine = self.engine
-        vocab = self.model.config.vocab_size
+        vocab, limit = self.model.config.vocab_size, self.model.config.max_context_tokens
+        max_tokens = warmup + steps + batch + 2  # the first request decodes during the others'
+        prompt = min(context - 1, limit - max_tokens)  # prefills; every one decodes steps+
         g = torch.Generator().manual_seed(batch * 7 + context)
         for b in range(batch):
             engine.add_request(EngineRequest.create(
-                f"e{b}", torch.randint(0, vocab, (context - 1,), generator=g).tolist(),
-                SamplingParams(temperature=0.0, max_tokens=warmup + steps + 2, ignore_eos=True),
-                vocab_size=vocab, context=self.model.config.max_context_tokens))
-        overlapped0, times = engine.num_overlapped_steps, []
+                f"e{b}", torch.randint(0, vocab, (prompt,), generator=g).tolist(),
+                SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                vocab_size=vocab, context=limit))
+        overlapped0, times, started, ended = engine.num_overlapped_steps, [], set(), False
         while engine.has_unfinished():
             outputs = engine.step()
-            if any(o.request_id == "e0" and o.token is not None for o in outputs):
-                times.append(time.perf_counter())
+            now = time.perf_counter()
+            started.update(o.request_id for o in outputs if o.token is not None)
+            ended = ended or any(o.finished for o in outputs)
+            if len(started) == batch and not ended and any(
+                    o.request_id == "e0" and o.token is not None for o in outputs):
+                times.append(now)
         torch.cuda.synchronize()
         intervals = [b - a for a, b in itertools.pairwise(times)][warmup:]
         itl_s = statistics.median(intervals)
         kv = batch * (context + warmup + steps / 2) * engine.layout.bytes_per_token
         moved = weight_bytes_read(self.model, batch) + kv
         return {"itl_ms": itl_s * 1e3, "itl_mean_ms": statistics.fmean(intervals) * 1e3,
+                "itl_intervals": len(intervals), "engine_prompt_tokens": prompt,
                 "itl_p90_ms": statistics.quantiles(intervals, n=10)[-1] * 1e3,
                 "achieved_gbps": moved / itl_s / 1e9, "bytes_per_step": int(moved),
                 "overlapped_steps": engine.num_overlapped_steps - overlapped0,
@@ -223,7 +232,8 @@ class EngineBench:
                 base = pick_num_splits(batch, layout.num_kv_heads, cache.device)
                 kv_bytes = batch * context * layout.num_kv_heads * layout.head_dim * 2 * 2
                 for cfg in SWEEP_CONFIGS:
-                    for splits in sorted({max(1, base // 2), base, min(64, base * 2)}):
+                    fewer = (s for s in (4, 8, 16) if s < base)  # short contexts, small batches
+                    for splits in sorted({max(1, base // 2), base, min(64, base * 2), *fewer}):
                         ms = triton.testing.do_bench(functools.partial(
                             paged_decode_attention_triton, q, cache.k[0], cache.v[0], bt, lens,
                             block_size=BLOCK_SIZE, num_splits=splits, config=cfg))

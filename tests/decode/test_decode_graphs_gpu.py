@@ -140,3 +140,17 @@ def test_overlapped_steps_equal_one_step_at_a_time_on_cuda_graphs():
     assert {k: len(v) for k, v in results[1].items()} == {
         "r0": 40, "r1": 25, "r2": 33, "r3": 1, "r4": 17}
     assert engines[1].num_overlapped_steps > 20 and engines[0].num_overlapped_steps == 0
+
+
+def test_two_stage_argmax_equals_torch_argmax_on_cuda():
+    from disagg.decode.sampler import argmax_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for vocab in (128256, 49152):
+        for rows in (1, 8, 64):
+            x = torch.randn(rows, vocab, device="cuda", generator=g)
+            x[0, 5] = x[0, vocab - 3] = x[0].max() + 1
+            if rows > 2:
+                x[1] = float("-inf")
+                x[2, 7] = x[2, vocab - 1] = float("nan")
+            assert torch.equal(argmax_rows(x), torch.argmax(x, dim=-1)), (vocab, rows)

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from disagg.decode.sampler import RowRequest, Sampler, _signed64, keyed_uniform_tensor
+from disagg.decode.sampler import RowRequest, Sampler, _signed64, argmax_rows, keyed_uniform_tensor
 from disagg.sampling import SamplingParams, keyed_uniform, sample
 
 PARAMS = [
@@ -57,3 +57,15 @@ def test_sampled_tokens_cover_the_distribution():
               for s in range(300)]
     counts = torch.bincount(torch.tensor(tokens), minlength=3) / 300
     assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.2]), atol=0.08)
+
+
+@pytest.mark.parametrize("vocab", [128256, 49152, 50257, 1000])
+def test_two_stage_argmax_equals_torch_argmax(vocab):
+    """First maximum on ties, NaN as the maximum, all -inf rows: as ``torch.argmax``."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(4, vocab, generator=g)
+    x[0, 5] = x[0, vocab - 3] = x[0].max() + 1  # a tie across chunks: the first wins
+    x[1] = float("-inf")
+    x[2, 7] = x[2, vocab - 1] = float("nan")
+    x[3, vocab - 1] = 100.0  # in the last chunk
+    assert torch.equal(argmax_rows(x), torch.argmax(x, dim=-1))
