@@ -4,8 +4,8 @@ long request after ready against the second.
 One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1-8B, bf16):
 1. Engine alone, before Ray starts: the decode step at batch 1 and the TPOT context
    (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
-2. The Serve app: right after it is ready, two ``--long`` prompts one after the other (TTFT of
-   each: the first must pay no compilation), then ``--requests`` streamed requests one at a
+2. The Serve app: right after it is ready, three ``--long`` prompts one after the other (TTFT
+   and the server's breakdown of each: the first must pay no compilation), then ``--requests`` streamed requests one at a
    time with ``--context`` prompt tokens and ``--max-tokens`` generated: TPOT = (last chunk -
    first chunk) / (tokens - 1), median.
 
@@ -30,19 +30,26 @@ from benchmarks.kv_handoff import app_args
 from deployments.config import AppConfig
 
 
-def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_tokens: int
-           ) -> tuple[float, list[float]]:
-    """(seconds to the first token chunk, arrival times of every token chunk)."""
+def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_tokens: int,
+           timing: list | None = None) -> tuple[float, list[float]]:
+    """(seconds to the first token chunk, arrival times of every token chunk); the usage's
+    ``disagg_timing`` (the server's TTFT breakdown) is appended to ``timing`` when given."""
     body = json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens,
-                       "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+                       "temperature": 0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     times = []
     t0 = time.perf_counter()
     with client.stream("POST", f"{url}/v1/completions", content=body, timeout=600,
                        headers={"content-type": "application/json"}) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"]:
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
                 times.append(time.perf_counter())
+            elif timing is not None and chunk.get("usage"):
+                timing.append(chunk["usage"].get("disagg_timing"))
     return times[0] - t0, times
 
 
@@ -80,9 +87,11 @@ def main() -> None:
     url, vocab = f"http://127.0.0.1:{args.port}", source.model_config().vocab_size
     g = torch.Generator().manual_seed(2)
     with httpx.Client() as client:
+        long_timing: list = []
         long_ttft = [stream(client, url, config.model_name,
-                            torch.randint(0, vocab, (args.long,), generator=g).tolist(), 2)[0]
-                     for _ in range(2)]
+                            torch.randint(0, vocab, (args.long,), generator=g).tolist(), 2,
+                            long_timing)[0]
+                     for _ in range(3)]
         tpot = []
         for _ in range(args.requests):
             _, times = stream(client, url, config.model_name,
@@ -94,6 +103,7 @@ def main() -> None:
     row = {"context_tokens": args.context, "max_tokens": args.max_tokens,
            "engine_itl_ms": engine_itl_ms, "http_tpot_ms": statistics.median(tpot) * 1e3,
            "first_long_ttft_s": long_ttft[0], "second_long_ttft_s": long_ttft[1],
+           "third_long_ttft_s": long_ttft[2], "long_disagg_timing": long_timing,
            "long_tokens": args.long, "requests": args.requests}
     row["tpot_over_itl_ms"] = row["http_tpot_ms"] - row["engine_itl_ms"]
     write_results("served_decode", [row], commit=args.commit, dirty=args.dirty, out=args.out)
