@@ -20,7 +20,9 @@ from disagg.kv.layout import KVLayout, PackedKV
 
 
 class PagedKVCache:
-    """K/V rows of every block of the pool, one contiguous tensor per layer."""
+    """K/V rows of every block of the pool, one contiguous tensor per layer (views of one
+    allocation: a prefill process maps the whole pool with one CUDA IPC handle, not one per
+    layer and side)."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu"):
@@ -29,10 +31,9 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = torch.device(device)
         shape = (num_blocks * block_size, *layout.row_shape)
-        self.k = [torch.zeros(shape, dtype=layout.dtype, device=device)
-                  for _ in range(layout.num_layers)]
-        self.v = [torch.zeros(shape, dtype=layout.dtype, device=device)
-                  for _ in range(layout.num_layers)]
+        storage = torch.zeros((2, layout.num_layers, *shape), dtype=layout.dtype, device=device)
+        self.k = list(storage[0].unbind(0))
+        self.v = list(storage[1].unbind(0))
 
     @property
     def num_bytes(self) -> int:
