@@ -164,6 +164,9 @@ class DecodeSettings(ReplicaSettings):
     cancel_grace_s: float = Field(
         10.0, gt=0, description="rows of a request cancelled mid-prefill stay fenced this long "
                                 "(a cancelled prefill stops writing at its next layer)")
+    async_scheduling: bool | None = Field(
+        None, description="queue each decode step before reading the previous one's tokens "
+                          "(host work overlaps the GPU's); null: on for CUDA replicas")
     on_kv_failure: Literal["error", "local_prefill"] = Field(
         "error", description="a KV hand-off that fails after token 0: end the request with an "
                              "error, or recompute prompt + token 0 here (reported as "

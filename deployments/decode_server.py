@@ -109,7 +109,8 @@ class DecodeServer:
                          kv_cache_bytes=int(settings.kv_cache_gib * _GIB),
                          max_num_seqs=settings.max_num_seqs,
                          max_num_batched_tokens=max(2048, settings.max_num_seqs),
-                         remote_kv_timeout_s=settings.remote_kv_timeout_s),
+                         remote_kv_timeout_s=settings.remote_kv_timeout_s,
+                         async_scheduling=settings.async_scheduling),
             model_name=config.model_name, receivers=receivers)
         engine.warm_up()  # decode kernels compiled, CUDA graphs captured
         ipc = engine.receivers.receivers.get(CUDA_IPC)
