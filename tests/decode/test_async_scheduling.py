@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decode_fakes import request, run_to_end, token_ids
+from decode_fakes import fake_prefill, request, run_to_end, token_ids, write_kv
 from helpers import random_model
 
 from disagg.decode.config import DecodeConfig
@@ -14,6 +14,7 @@ from disagg.decode.engine import DecodeEngine
 from disagg.decode.scheduler import PLACEHOLDER_TOKEN, ScheduledSequence, SchedulerOutput
 from disagg.kv.block_pool import BlockPool
 from disagg.sampling import SamplingParams
+from disagg.transport.direct import DirectKVReceiver, DirectKVSender
 
 NAME = "random:tiny-llama"
 
@@ -152,3 +153,42 @@ def test_placeholder_tokens_need_the_forward_they_come_from(model):
                             SamplingParams(temperature=0.0), 0)
     with pytest.raises(ValueError, match="placeholder"):
         engine.runner.launch(SchedulerOutput((seq,)))
+
+
+def test_a_remote_request_is_reserved_and_decoded_while_steps_overlap(model):
+    """Reservation and arrival polling go on between overlapped steps; the remote request
+    and the local ones decode the same tokens as one step at a time."""
+    def run(overlapped: bool):
+        engine = DecodeEngine(model, DecodeConfig(block_size=4, num_blocks=128,
+                                                  async_scheduling=overlapped),
+                              model_name=NAME, receivers=(DirectKVReceiver(),))
+        outs: dict[str, list] = {}
+
+        def step():
+            for o in engine.step():
+                outs.setdefault(o.request_id, []).append(o)
+        for i, p in enumerate(prompts(2)):
+            engine.add_request(request(model, f"l{i}", p, max_tokens=24, ignore_eos=True))
+        for _ in range(5):
+            step()
+        remote = request(model, "remote", list(range(10, 40)), max_tokens=8, ignore_eos=True)
+        engine.add_remote_request(remote)
+        for _ in range(3):
+            if engine.destinations("remote"):
+                break
+            step()
+        offers = engine.destinations("remote")
+        assert offers, "no destination was reserved"
+        token0, kv, fp = fake_prefill(model, remote, model_name=NAME)
+        engine.kv_complete("remote", token0,
+                           write_kv(DirectKVSender(), offers, remote, token0, kv, fp))
+        for rid, more in run_to_end(engine).items():
+            outs.setdefault(rid, []).extend(more)
+        assert engine.num_free_blocks == engine.num_total_blocks
+        return {rid: token_ids(o) for rid, o in outs.items()}, engine
+
+    expected, _ = run(False)
+    got, engine = run(True)
+    assert got == expected
+    assert len(got["remote"]) == 7 and len(got["l0"]) == 24  # token 0 came from prefill
+    assert engine.num_overlapped_steps >= 15
