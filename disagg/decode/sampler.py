@@ -15,6 +15,7 @@ step reads the device to decide what to run.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,12 +67,18 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     torch's one-stage reduction gives a few rows one block each (27 us for one 128K-vocab row
     on an H200, against a 5 ms decode step)."""
     rows, vocab = logits.shape
-    width = next((w for w in range(2048, 255, -1) if vocab % w == 0), None)
-    if width is None or vocab // width < 8 or rows * (vocab // width) > 65536:
+    width = _chunk_width(vocab)
+    if width is None or rows * (vocab // width) > 65536:
         return torch.argmax(logits, dim=-1)
     best, index = logits.view(rows, vocab // width, width).max(dim=-1)  # first max per chunk
     chunk = torch.argmax(best, dim=-1, keepdim=True)  # the first chunk holding the maximum
     return (chunk * width + index.gather(1, chunk))[:, 0]
+
+
+@functools.cache
+def _chunk_width(vocab: int) -> int | None:
+    """The widest chunk of 256-2048 columns that splits ``vocab`` into at least 8 equal ones."""
+    return next((w for w in range(2048, 255, -1) if vocab % w == 0 and vocab // w >= 8), None)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
