@@ -7,10 +7,12 @@ against transformers' static-cache decode under ``torch.compile(mode="reduce-ove
 Random weights of Llama-3.1-8B, bf16, token ids (seed 0). One ``DecodeEngine`` for all cases,
 warmed up (kernels compiled, graphs captured) before anything is timed. Two measurements:
 - ``itl_ms``: the engine as served. ``batch`` requests of ``context - 1`` random prompt tokens
-  go through ``add_request`` (the engine prefills them itself, untimed) and ``DecodeEngine.step``
-  runs until they end, greedy, with its default ``async_scheduling`` (each step's forward
-  queued before the previous one's tokens are read). ITL = the median time between
-  consecutive steps that report a token of the first request, after ``--warmup`` of them.
+  (fewer where that and the generated tokens would pass the model's context) go through
+  ``add_request`` (the engine prefills them itself, untimed) and ``DecodeEngine.step`` runs
+  until they end, greedy, with its default ``async_scheduling`` (each step's forward queued
+  before the previous one's tokens are read). ITL = the median time between consecutive
+  steps that report a token of the first request while every request decodes (after the last
+  prefill, before the first end), the first ``--warmup`` intervals dropped.
 - ``sync_step_ms``: one step at a time on the runner. The KV pool is filled with random rows
   directly; each step hands ``ModelRunner.execute`` the batch the scheduler would (one new token
   per sequence at position ``context - 1`` onward, the token sampled last step fed back) and
@@ -135,8 +137,10 @@ class EngineBench:
         (after the last prefill, before the first end), the first ``warmup`` dropped."""
         engine = self.engine
         vocab, limit = self.model.config.vocab_size, self.model.config.max_context_tokens
-        max_tokens = warmup + steps + batch + 2  # the first request decodes during the others'
-        prompt = min(context - 1, limit - max_tokens)  # prefills; every one decodes steps+
+        # The first request decodes while the others prefill (one per step): ``batch`` more
+        # tokens, so that every request still decodes ``warmup + steps`` tokens together.
+        max_tokens = warmup + steps + batch + 2
+        prompt = min(context - 1, limit - max_tokens)
         g = torch.Generator().manual_seed(batch * 7 + context)
         for b in range(batch):
             engine.add_request(EngineRequest.create(

@@ -5,9 +5,9 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
 1. Engine alone, before Ray starts: the decode step at batch 1 and the TPOT context
    (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
 2. The Serve app: right after it is ready, three ``--long`` prompts one after the other (TTFT
-   and the server's breakdown of each: the first must pay no compilation), then ``--requests`` streamed requests one at a
-   time with ``--context`` prompt tokens and ``--max-tokens`` generated: TPOT = (last chunk -
-   first chunk) / (tokens - 1), median.
+   and the server's breakdown of each: the first must pay no compilation), then
+   ``--requests`` streamed requests one at a time with ``--context`` prompt tokens and
+   ``--max-tokens`` generated: TPOT = (last chunk - first chunk) / (tokens - 1), median.
 
     python -m benchmarks.served_decode [--context 4096] [--max-tokens 64] [--requests 5]
 """
