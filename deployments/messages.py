@@ -7,6 +7,14 @@ from dataclasses import dataclass
 from disagg.openai.errors import APIError
 from disagg.sampling import SampledToken
 
+# Request ids of the replicas' own start-up requests: prefill leaves them out of its counts
+# and measurements (they are not traffic).
+WARMUP_PREFIX = "warmup-"
+
+
+def is_warmup(request_id: str) -> bool:
+    return request_id.startswith(WARMUP_PREFIX)
+
 
 @dataclass(frozen=True)
 class StreamItem:
@@ -39,3 +47,4 @@ class PrefillStats:
     leased_bytes: int
     num_prefills: int
     num_running: int = 0  # prefills queued or running on the worker
+    num_warmups: int = 0  # decode replicas' start-up requests served (not in num_prefills)

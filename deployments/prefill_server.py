@@ -28,7 +28,7 @@ from deployments.admission import cost_model_for, triangle_fraction
 from deployments.config import AppConfig
 from deployments.kv_transports import build_senders
 from deployments.load import prefill_report, queue_seconds
-from deployments.messages import PrefillStats
+from deployments.messages import PrefillStats, is_warmup
 from deployments.metrics import Metrics
 from deployments.runtime import load_replica_model, replica_device, trianglemix_config
 from deployments.sp_group import SPGroupEngine
@@ -56,6 +56,7 @@ class PrefillServer:
         self._queued_tokens = 0
         self._num_running = 0
         self._num_prefills = 0
+        self._num_warmups = 0
         # Its FIFO as the router sees it (routing stats), kept on the event loop: a report
         # never waits behind the prefill worker.
         self._queue = ReplicaQueue()
@@ -82,6 +83,7 @@ class PrefillServer:
                       ) -> AsyncIterator[PrefillEvent]:
         # ``plan``: the ingress's routing plan; the request router read it to pick this replica.
         destinations = decode_offers(offers)
+        warmup = is_warmup(request.request_id)  # a decode replica's start-up request
         ipc = self.engine.senders.get(CUDA_IPC)
         # A decode pool on another node sends its export too: its handles open only there.
         if cuda_ipc is not None and ipc is not None and ipc.on_this_node(destinations):
@@ -102,21 +104,30 @@ class PrefillServer:
                     self._queued_tokens -= n
                     n = 0
                     self._metrics.prefill_queue_tokens.set(self._queued_tokens)
-                    self._metrics.ttft_stage.observe(event.prefill_s, tags={"stage": "prefill"})
-                    seq = self._measured[-1][0] + 1 if self._measured else 1
-                    self._measured.append((seq, request.num_prompt_tokens, event.prefill_s))
+                    if not warmup:
+                        self._record(request.num_prompt_tokens, event.prefill_s)
                 yield event
-            self._num_prefills += 1
+            if warmup:
+                self._num_warmups += 1
+            else:
+                self._num_prefills += 1
         finally:
             self._queue.done(request.request_id, time.time())
             self._queued_tokens -= n
             self._num_running -= 1
             self._metrics.prefill_queue_tokens.set(self._queued_tokens)
 
+    def _record(self, num_tokens: int, prefill_s: float) -> None:
+        """A served prefill's time, for the metrics and the routers' measured costs."""
+        self._metrics.ttft_stage.observe(prefill_s, tags={"stage": "prefill"})
+        seq = self._measured[-1][0] + 1 if self._measured else 1
+        self._measured.append((seq, num_tokens, prefill_s))
+
     async def stats(self) -> PrefillStats:
         num_leases, leased_bytes = await asyncio.to_thread(self.engine.leased)
         self._metrics.kv_leases_active.set(num_leases)
-        return PrefillStats(num_leases, leased_bytes, self._num_prefills, self._num_running)
+        return PrefillStats(num_leases, leased_bytes, self._num_prefills, self._num_running,
+                            self._num_warmups)
 
     async def record_routing_stats(self) -> dict:
         """Serve's routing-stats hook: this replica's queue for the routers (on the event

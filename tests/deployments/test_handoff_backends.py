@@ -66,17 +66,19 @@ BODY = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
         "ignore_eos": True, "logprobs": 1}
 
 
-def served(url: str, backend: str) -> tuple[str, dict, list]:
-    """Digest of the KV in decode's pool, the usage timing and the logprobs of one request."""
+def served(url: str, backend: str) -> tuple[str, dict, list, object]:
+    """Digest of the KV in decode's pool, the usage timing and the logprobs of one request, and
+    the prefill replica's stats when the app was ready, before it."""
     app, route = deploy(backend)
     try:
+        ready = serve.get_deployment_handle("PrefillServer", app).stats.remote().result()
         r = httpx.post(f"{url}{route}/v1/completions", json=BODY, timeout=120)
         r.raise_for_status()
         assert r.headers["x-disagg-path"] == "disaggregated"
         digest = serve.get_deployment_handle("DecodeServer", app).digest.remote().result()
         wait_for_free_blocks(app)
         result = r.json()
-        return digest, result["usage"]["disagg_timing"], result["choices"][0]["logprobs"]
+        return digest, result["usage"]["disagg_timing"], result["choices"][0]["logprobs"], ready
     finally:
         serve.delete(app)
 
@@ -103,10 +105,21 @@ def results(serve_app):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kv_in_decode_pool_is_bit_exact(results, backend):
-    digest, timing, _ = results[backend]
+    digest, timing, _, _ = results[backend]
     assert timing["kv_backend"] == backend
     assert timing["kv_bytes"] == len(PROMPT) * 1024  # K+V x 4 layers x 2 heads x 16 x fp32
     assert digest is not None and digest == local_digest()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_disaggregated_path_is_warmed_before_ready(results, backend):
+    """The decode replica sent one start-up request through prefill and its KV backend before
+    it reported ready (the first long request pays no first-use cost), and the prefill replica
+    kept it out of its served count."""
+    ready = results[backend][3]
+    assert ready.num_warmups == 1
+    assert ready.num_prefills == 0
+    assert ready.num_leases == 0  # the warm-up's KV was taken and released
 
 
 def test_backends_decode_the_same_tokens(results):

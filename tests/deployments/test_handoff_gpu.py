@@ -66,6 +66,10 @@ def served_digest(url: str, backend: str) -> tuple[str, dict, list]:
         name="DecodeServer", **_options(config.decode, config)).bind(config, prefill)
     ingress = OpenAIIngress.options(**_options(config.ingress, config)).bind(config, decode)
     serve.run(ingress, name=backend, route_prefix="/")
+    # Ready only after the decode replica's start-up request went through this backend (for
+    # cuda_ipc: the prefill replica mapped the pool before the first request).
+    ready = serve.get_deployment_handle("PrefillServer", backend).stats.remote().result()
+    assert (ready.num_warmups, ready.num_prefills) == (1, 0)
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
             "ignore_eos": True, "logprobs": 1}
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
