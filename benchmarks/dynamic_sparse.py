@@ -3,6 +3,7 @@
     python -m benchmarks.dynamic_sparse select  [--lengths 8192] [--prompts 4] [--layers ...]
     python -m benchmarks.dynamic_sparse density [--length 8192] [--prompts 8]
     python -m benchmarks.dynamic_sparse ttft    [--density-json ...] [--densities 0.2 0.35 0.5]
+    python -m benchmarks.dynamic_sparse tiles   [--length 131072] [--density 0.2662]
 
 ``select`` (SmolLM2, real weights): per layer and KV head, the exact attention mass of every
 ``128 x 128`` causal block of a dense prefill, against two cheap estimates that feed the same
@@ -14,7 +15,9 @@ exact mass inside the kept blocks, averaged over query blocks; density = kept / 
 dense layers of SmolLM2's TriangleMix split at 8K, over the fidelity tasks and natural text.
 ``ttft``: Llama-3.1-8B architecture, random weights, bf16, a 131071-token prompt: dense,
 TriangleMix, TriangleMix + dynamic at the measured density and at 20/35/50% (density mode),
-in one run; plus one layer's attention alone (cuDNN dense vs selection + block-sparse kernel).
+in one run; plus one layer's attention alone (dense vs selection + block-sparse kernel).
+``tiles``: the block-sparse kernel's tile shapes at one length and density, with dense attention
+and the selection beside them (``dynamic_sparse_tiles.json``).
 Results: ``benchmarks/results/dynamic_sparse*.json``.
 """
 
@@ -251,6 +254,64 @@ def layer_attention_ms(config, n: int, densities: list[float], device) -> dict[s
     return out
 
 
+TILE_SWEEP = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2),
+              (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2),
+              (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 8, 3), (128, 128, 4, 2),
+              (64, 32, 4, 4))  # (block_m, block_n, num_warps, num_stages)
+
+
+def run_tiles(args, device) -> None:
+    """The block-sparse kernel's tiles at one length and density (Llama-3.1-8B heads, bf16,
+    lists from the real selection on random q/k): ms and TFLOP/s of each, with the dense
+    causal attention and the selection alone beside them."""
+    from disagg_kernels.dynamic_sparse.configs import TileConfig
+    from disagg_kernels.dynamic_sparse.launcher import block_sparse_attention_triton
+    from triton.testing import do_bench
+
+    from disagg.attention.dense import dense_attention
+    from disagg.models.random_configs import RANDOM_CONFIGS
+
+    hf = RANDOM_CONFIGS["llama-3.1-8b"]
+    num_heads, num_kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
+    head_dim = hf["hidden_size"] // num_heads
+    n, density = args.length, args.density or 0.2662
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(n, num_heads, head_dim, device=device, generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(n, num_kv_heads, head_dim, device=device, generator=g,
+                        dtype=torch.bfloat16) for _ in range(2))
+    params = DynamicSparseParams(density=density)
+
+    def select():
+        return select_blocks(antidiagonal_block_scores(q, k, block_size=params.block_size,
+                                                       stride=params.stride), params)
+
+    idx, cnt = select()
+    kept = kept_fraction(cnt)
+    # Every kept block in full (a diagonal block is half that), for each query head of its group.
+    flops = 4 * head_dim * float(cnt.sum()) * BLOCK * BLOCK * num_heads / num_kv_heads
+    dense_ms = do_bench(lambda: dense_attention(q, k, v, q_start=0), warmup=2, rep=20)
+    select_ms = do_bench(select, warmup=2, rep=20)
+    rows = []
+    for bm, bn, warps, stages in TILE_SWEEP:
+        cfg = TileConfig(block_n=bn, num_warps=warps, num_stages=stages, block_m=bm)
+        try:
+            ms = do_bench(lambda cfg=cfg: block_sparse_attention_triton(
+                q, k, v, idx, cnt, block_size=BLOCK, config=cfg), warmup=2, rep=20)
+        except Exception as e:  # noqa: BLE001 (a tile that does not fit: recorded, skipped)
+            rows.append({"block_m": bm, "block_n": bn, "num_warps": warps,
+                         "num_stages": stages, "error": repr(e)[:200]})
+            continue
+        rows.append({"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages,
+                     "ms": ms, "tflops": flops / ms / 1e9})
+        print(rows[-1], flush=True)
+    write_results("dynamic_sparse_tiles", rows, commit=args.commit, dirty=args.dirty,
+                  out=args.out, extra={"context_tokens": n, "density": kept, "dense_ms": dense_ms,
+                                       "select_ms": select_ms, "model": "llama-3.1-8b heads"})
+    print(f"{n} tokens, density {kept:.4f}: dense {dense_ms:.1f} ms, selection {select_ms:.1f} ms")
+    print_table([r for r in rows if "ms" in r], ["block_m", "block_n", "num_warps",
+                                                 "num_stages", "ms", "tflops"])
+
+
 def run_ttft(args, device) -> None:
     from benchmarks.ttft import _request, _wall
     from disagg.attention.triangle import published_trianglemix
@@ -292,7 +353,7 @@ def run_ttft(args, device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["select", "density", "ttft"])
+    parser.add_argument("what", choices=["select", "density", "ttft", "tiles"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--length", type=int, default=None)
     parser.add_argument("--prompts", type=int, default=2, help="per task (+ natural text)")
@@ -303,6 +364,8 @@ def main() -> None:
     parser.add_argument("--density-json", type=Path, default=RESULTS_DIR / "dynamic_sparse_density.json")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.35, 0.5])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--density", type=float, default=None, help="tiles: the density timed "
+                        "(default: SmolLM2's measured 0.2662)")
     parser.add_argument("--device", default=None)
     add_provenance_args(parser)
     args = parser.parse_args()
@@ -313,6 +376,9 @@ def main() -> None:
     elif args.what == "density":
         args.length = args.length or 8192
         run_density(args, device)
+    elif args.what == "tiles":
+        args.length = args.length or 131072
+        run_tiles(args, device)
     else:
         args.length = args.length or 131072  # the prompt is one token shorter (ttft._request)
         run_ttft(args, device)

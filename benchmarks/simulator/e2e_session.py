@@ -3,7 +3,7 @@ machine, for both setups, in one call): for each setup,
 
 1. component calibration first (CPU: ``benchmarks.simulator.calibrate`` in a fresh process,
    one thread as a replica of ``prefill_decode.yaml`` gets; 1gpu: the committed ``ttft.json``,
-   ``decode_itl.json`` and ``kv_handoff.json``), and from it the two arrival rates: 35% and 75%
+   ``decode_itl.json`` and ``kv_handoff.json``), and from it the two arrival rates: 35% and 60%
    of the prefill side's capacity for the workload;
 2. the app from its YAML (``prefill_decode.yaml`` with ``random:smollm2-135m`` -- the SmolLM2
    architecture with random weights, as the GGUF cannot travel -- or
@@ -38,7 +38,7 @@ SETUPS = {
             "fixed:8"),
     "1gpu": ("deployments/prefill_decode_1gpu.yaml", None, "uniform:4096:16384", "fixed:16"),
 }
-UTILISATIONS = (0.35, 0.75)
+UTILISATIONS = (0.35, 0.6)
 
 
 def mean_prefill_s(calibration: costs.Calibration, prompt_len: str) -> float:

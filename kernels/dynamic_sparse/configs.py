@@ -1,12 +1,13 @@
 """Tile configurations of the block-sparse kernel: the one place where tiles are chosen.
 
-``BLOCK_M`` is the selection block (``DynamicSparseParams.block_size``): one program per query
-block. The key tile ``block_n`` divides it. The interpreter entry keeps CPU tests fast.
+A program takes ``block_m`` query rows of one selection block (``DynamicSparseParams.block_size``)
+and walks its key blocks in ``block_n``-key tiles; both divide the selection block (a smaller
+one is clipped to it). The interpreter entry keeps CPU tests fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,13 +19,16 @@ class TileConfig:
     block_n: int  # keys per tile (divides the block size)
     num_warps: int
     num_stages: int
+    block_m: int = 128  # query rows per program (divides the block size)
 
     def __post_init__(self) -> None:
-        if self.block_n < 16 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
-INTERPRETER = TileConfig(block_n=16, num_warps=4, num_stages=1)
+INTERPRETER = TileConfig(block_n=16, num_warps=4, num_stages=1, block_m=16)
 # sm_90, bf16/fp16: 128-token query blocks against 64-key tiles, 8 warps, 3 stages: the shape
 # Triton's own Hopper flash-attention tutorial settles on for head dim 64-128 (not swept here).
 _HOPPER = TileConfig(block_n=64, num_warps=8, num_stages=3)
@@ -38,7 +42,10 @@ def pick_config(device: torch.device, block_size: int, dtype: torch.dtype) -> Ti
         cfg = _FP32
     else:
         cfg = _HOPPER
-    if block_size % cfg.block_n:
-        cfg = TileConfig(block_n=min(cfg.block_n, block_size), num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages)
-    return cfg
+    return clip(cfg, block_size)
+
+
+def clip(cfg: TileConfig, block_size: int) -> TileConfig:
+    """``cfg`` with tiles no larger than the selection block (powers of two: they divide it)."""
+    return replace(cfg, block_m=min(cfg.block_m, block_size),
+                   block_n=min(cfg.block_n, block_size))

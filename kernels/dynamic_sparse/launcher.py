@@ -2,7 +2,9 @@
 
 Layouts: q ``[N, Hq, D]``, k/v ``[N, Hkv, D]`` (last dim contiguous; token and head strides
 free), ``block_idx [Hkv, Qb, W]`` / ``block_count [Hkv, Qb]`` int32 contiguous
-(``Qb = ceil(N / block_size)``), out ``[N, Hq, D]`` in q's dtype.
+(``Qb = ceil(N / block_size)``), out ``[N, Hq, D]`` in q's dtype. The kernel needs each list
+ascending and causal (every listed ``kb <= qb``, no repeats): what ``blocks_from_mask`` and
+``select_blocks`` return.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def block_sparse_attention_triton(
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     group = num_heads_q // k.shape[1]
     cfg = config or pick_config(q.device, block_size, q.dtype)
-    if block_size % cfg.block_n:
-        raise ValueError(f"block_n {cfg.block_n} does not divide block_size {block_size}")
+    if block_size % cfg.block_n or block_size % cfg.block_m:
+        raise ValueError(f"tiles {cfg.block_m} x {cfg.block_n} do not divide block_size "
+                         f"{block_size}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -53,12 +56,13 @@ def block_sparse_attention_triton(
     num_q_blocks = block_idx.shape[1]
     if n == 0:
         return out
-    _block_sparse_fwd[(num_heads_q, num_q_blocks)](
+    _block_sparse_fwd[(num_heads_q, num_q_blocks * (block_size // cfg.block_m))](
         q, k, v, out, block_idx, block_count,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         n, num_q_blocks, block_idx.shape[2], scale * LOG2E,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_size, BLOCK_N=cfg.block_n,
+        GROUP=group, HEAD_DIM=head_dim, SEL_BLOCK=block_size, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

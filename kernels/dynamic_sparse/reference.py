@@ -1,7 +1,8 @@
 """Plain-PyTorch block-sparse attention: the CPU path of the engine and the kernel's oracle.
 
 Block lists: ``block_idx [Hkv, Qb, W]`` int32 (key blocks of query block ``qb`` for KV head
-``h``, the first ``block_count[h, qb]`` entries valid, any order) and ``block_count [Hkv, Qb]``.
+``h``, the first ``block_count[h, qb]`` entries valid; any order here, ascending and causal for
+the Triton kernel) and ``block_count [Hkv, Qb]``.
 Query row ``i`` of block ``qb`` keeps key ``j`` iff ``j <= i`` and ``j // block_size`` is listed
 for ``(h, qb)``. ``block_sparse_attention_reference`` gathers only the listed keys, one query
 block at a time (memory ``O(block_size x kept keys)``), in fp32; ``block_mask`` expands the lists

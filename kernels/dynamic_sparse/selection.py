@@ -20,6 +20,8 @@ import torch
 
 from .params import DynamicSparseParams
 
+_CHUNK_SUPER = 1024  # query super-tokens per product of the estimate (128 MiB of fp32 at 128K)
+
 
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
                               stride: int, scale: float | None = None) -> torch.Tensor:
@@ -33,6 +35,7 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: i
     num_super = padded // stride
     per_block = block_size // stride
     scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) / stride
+    q = q * scale  # folded into the queries: the products come out scaled
     # Fold the stride into the feature axis (see the module docstring).
     qp = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, padded - n))
     kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, padded - n))
@@ -40,16 +43,27 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: i
     q_s = q_s.permute(2, 0, 1, 3).reshape(num_heads_q, num_super, stride * head_dim)
     k_s = kp.view(num_super, stride, num_heads_kv, head_dim)
     k_s = k_s.permute(2, 0, 1, 3).reshape(num_heads_kv, num_super, stride * head_dim)
-    sup = torch.arange(num_super, device=q.device)
-    # Causal at super-token level; padded key super-tokens never count.
-    visible = (sup[None, :] <= sup[:, None]) & (sup[None, :] * stride < n)
-    out = torch.empty(num_heads_kv, num_blocks, num_blocks, dtype=torch.float32, device=q.device)
-    for h in range(num_heads_kv):  # one KV head at a time bounds memory (128K: 1 GiB)
-        s = torch.matmul(q_s[h * group:(h + 1) * group], k_s[h].transpose(0, 1)).float()
-        s = (s * scale).masked_fill_(~visible, -float("inf"))
-        p = torch.softmax(s, dim=-1)  # [G, S, S]
-        mass = p.view(group, num_blocks, per_block, num_blocks, per_block).sum(dim=(0, 2, 4))
-        out[h] = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+    # Query super-tokens in chunks of whole blocks: a chunk's rows see only the keys up to its
+    # end, so the upper triangle is never computed (about half the products at 128K).
+    chunk = max(per_block, _CHUNK_SUPER // per_block * per_block)
+    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu_(1)  # j > i: hidden
+    first_pad = -(-n // stride)  # key super-tokens from here start past the prompt
+    out = torch.zeros(num_heads_kv, num_blocks, num_blocks, dtype=torch.float32,
+                      device=q.device)
+    for h in range(num_heads_kv):  # one KV head at a time bounds memory
+        q_h, k_h = q_s[h * group:(h + 1) * group], k_s[h]
+        for r0 in range(0, num_super, chunk):
+            r1 = min(r0 + chunk, num_super)
+            s = torch.matmul(q_h[:, r0:r1], k_h[:r1].transpose(0, 1))  # [G, C, r1]
+            s[..., r0:r1].masked_fill_(tri[:r1 - r0, :r1 - r0], -float("inf"))
+            if first_pad < r1:
+                s[..., first_pad:].fill_(-float("inf"))
+            # fp32 softmax straight from the product's dtype (no fp32 copy of the scores)
+            p = torch.softmax(s, dim=-1, dtype=torch.float32)
+            mass = p.view(group, (r1 - r0) // per_block, per_block, r1 // per_block,
+                          per_block).sum(dim=(0, 2, 4))
+            out[h, r0 // per_block:r1 // per_block, :r1 // per_block] = \
+                mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     return out
 
 

@@ -48,11 +48,11 @@ def _random_lists(n, hkv, seed, p=0.5):
     return blocks_from_mask(keep)
 
 
-def _triton(q, k, v, idx, cnt):
+def _triton(q, k, v, idx, cnt, config=None):
     from disagg_kernels.dynamic_sparse.launcher import block_sparse_attention_triton
 
     out = torch.full_like(q, float("nan"))
-    block_sparse_attention_triton(q, k, v, idx, cnt, block_size=BS, out=out)
+    block_sparse_attention_triton(q, k, v, idx, cnt, block_size=BS, out=out, config=config)
     assert not out.isnan().any(), "unwritten output rows"
     return out
 
@@ -81,6 +81,34 @@ def test_triton_matches_reference_fp32(n, hq, hkv):
     idx, cnt = _random_lists(n, hkv, seed=n + 1)
     ref = block_sparse_attention_reference(q, k, v, idx, cnt, block_size=BS)
     assert (_triton(q, k, v, idx, cnt) - ref).abs().max() <= FP32_ATOL
+
+
+@interpreter
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32), (32, 32)])
+def test_triton_tiles_of_any_shape_match_reference(block_m, block_n):
+    """Query slices larger or smaller than the key tile, and one slice per block: the diagonal
+    block's tiles stop at each slice's last row, rows past the prompt are never written."""
+    from disagg_kernels.dynamic_sparse.configs import TileConfig
+
+    q, k, v = _qkv(111, 4, 2, 16, seed=5)
+    idx, cnt = _random_lists(111, 2, seed=5, p=0.4)
+    ref = block_sparse_attention_reference(q, k, v, idx, cnt, block_size=BS)
+    config = TileConfig(block_n=block_n, num_warps=4, num_stages=1, block_m=block_m)
+    assert (_triton(q, k, v, idx, cnt, config) - ref).abs().max() <= FP32_ATOL
+
+
+@interpreter
+def test_a_row_without_its_diagonal_block_matches_reference():
+    """Lists that leave the diagonal out (only earlier blocks): the unmasked loop alone."""
+    n, hkv = 128, 2
+    nb = n // BS
+    q, k, v = _qkv(n, 4, hkv, 16, seed=6)
+    keep = torch.zeros(hkv, nb, nb, dtype=torch.bool)
+    keep[:, 1:, 0] = True  # rows of blocks 1.. see block 0 only; block 0 sees nothing
+    idx, cnt = blocks_from_mask(keep)
+    ref = block_sparse_attention_reference(q, k, v, idx, cnt, block_size=BS)
+    assert (_triton(q, k, v, idx, cnt) - ref).abs().max() <= FP32_ATOL
+    assert torch.equal(ref[:BS], torch.zeros_like(ref[:BS]))  # no key: zeros, as documented
 
 
 @interpreter
@@ -113,6 +141,20 @@ def test_stride_one_estimate_is_the_exact_block_mass():
     p = torch.softmax(s, -1).view(hkv, hq // hkv, n // BS, BS, n // BS, BS).sum(dim=(1, 3, 5))
     exact = p / p.sum(-1, keepdim=True)
     assert torch.allclose(scores, exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,stride", [(96, 1), (150, 8)])
+def test_estimate_is_the_same_in_row_chunks(monkeypatch, n, stride):
+    """Query super-tokens taken one block at a time (each chunk seeing only the keys up to its
+    end, the padded keys hidden) give the estimate of one product over everything."""
+    from disagg_kernels.dynamic_sparse import selection
+
+    q, k, _ = _qkv(n, 4, 2, 16, seed=8)
+    whole = antidiagonal_block_scores(q, k, block_size=BS, stride=stride)
+    monkeypatch.setattr(selection, "_CHUNK_SUPER", 1)  # one block of rows per chunk
+    chunked = antidiagonal_block_scores(q, k, block_size=BS, stride=stride)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    assert torch.allclose(chunked.sum(-1), torch.ones_like(chunked[..., 0]), atol=1e-5)
 
 
 def test_estimate_rows_sum_to_one_and_are_causal():
