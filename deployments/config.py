@@ -127,6 +127,9 @@ class PrefillSettings(ReplicaSettings):
     lease_call_timeout_s: float = Field(
         30.0, gt=0, description="deadline of each call to the KV lease keeper (publish a "
                                 "lease, count leases); one that does not answer fails the call")
+    lease_owner_check_s: float = Field(
+        1.0, gt=0, description="how often the lease keeper looks for leases whose decode "
+                               "replica is gone (it died before pulling): they end then")
     sp: int = Field(1, ge=1, description="sequence-parallel degree: ranks (GPUs, or CPU "
                                          "processes) of one replica's SP group")
     whole_node: bool = Field(

@@ -19,6 +19,7 @@ from disagg.transport.ray_object_store import (
 from disagg.transport.ray_object_store import (
     RayObjectStoreKVReceiver,
     RayObjectStoreKVSender,
+    actor_owner,
 )
 
 
@@ -32,7 +33,8 @@ def build_receivers(config: AppConfig, device: torch.device) -> tuple[KVReceiver
         if name == CUDA_IPC:
             receivers.append(DirectKVReceiver(CUDA_IPC, node_id()))
         elif name == OBJECT_STORE:
-            receivers.append(RayObjectStoreKVReceiver())
+            # Its destinations name this replica: prefill ends their leases if it dies.
+            receivers.append(RayObjectStoreKVReceiver(owner=actor_owner()))
         else:
             from disagg.transport.torch_dist import TorchDistKVReceiver
 
@@ -48,7 +50,8 @@ def build_senders(config: AppConfig, device: torch.device) -> tuple[KVSender, ..
         elif name == OBJECT_STORE:
             senders.append(RayObjectStoreKVSender(
                 lease_s=config.prefill.lease_s,
-                call_timeout_s=config.prefill.lease_call_timeout_s))
+                call_timeout_s=config.prefill.lease_call_timeout_s,
+                owner_check_s=config.prefill.lease_owner_check_s))
         else:
             from disagg.transport.torch_dist import TorchDistKVSender
 

@@ -78,7 +78,10 @@ class KVDestination:
     ``runs`` cover positions ``0 .. num_prompt_tokens - 1`` in order; ``endpoint`` is the
     backend's name of the decode replica's pool (an export id, a rendezvous address);
     ``node`` the decode replica's node ("" when unknown); ``expires_at`` is wall-clock
-    (``time.time``): no write may start after it.
+    (``time.time``): no write may start after it. ``owner`` names the receiving process for
+    backends whose sender holds resources until decode takes them (the object store's lease:
+    the decode replica's Ray actor, ``namespace/name``); what is held for it ends once that
+    process is gone ("": unknown, held resources end at their own expiry).
     """
 
     request_id: str
@@ -89,16 +92,18 @@ class KVDestination:
     expires_at: float
     node: str = ""
     transfer_id: int = 0  # the receiver's number for this destination (backends that need one)
+    owner: str = ""
 
     def to_list(self) -> list:
         return [self.request_id, self.backend, self.endpoint, [list(r) for r in self.runs],
-                self.num_prompt_tokens, self.expires_at, self.node, self.transfer_id]
+                self.num_prompt_tokens, self.expires_at, self.node, self.transfer_id,
+                self.owner]
 
     @classmethod
     def from_list(cls, d: list) -> KVDestination:
-        rid, backend, endpoint, runs, n, expires_at, node, transfer_id = d
+        rid, backend, endpoint, runs, n, expires_at, node, transfer_id, owner = d
         return cls(rid, backend, endpoint, tuple(tuple(r) for r in runs), n, expires_at, node,
-                   transfer_id)
+                   transfer_id, owner)
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at

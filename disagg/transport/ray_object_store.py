@@ -5,8 +5,11 @@ pinned host buffer on a copy stream, after the layer's CUDA event; CPU: the laye
 tensors, no copy) and ``ray.put`` by a background thread while the next layers run, one
 object per layer holding K and V (16-bit dtypes as int16 views: numpy has no bfloat16).
 ``finish`` waits for the last put and hands the refs to a small ``LeaseKeeper`` actor (it
-shares the prefill process's fate) that holds them until decode has copied them, or until the
-lease expires. Token 0 never waits for any of this.
+shares the prefill process's fate) that holds them until decode has copied them, until the
+lease expires, or until the decode replica that would pull them is gone (the destination's
+``owner``, a named Ray actor the keeper looks up every ``owner_check_s``: a decode replica
+that dies between the publish and its pull would otherwise leave the KV held for the whole
+lease). Token 0 never waits for any of this.
 Decode side: ``complete`` brings the refs; ``poll`` checks readiness with ``ray.wait`` (which
 fetches the objects to this node); once all are local a copy thread writes them into the
 reserved rows (on its own CUDA stream on GPU) while the engine goes on stepping other
@@ -53,29 +56,97 @@ def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return t.view(dtype) if t.dtype != dtype else t
 
 
+def actor_owner() -> str:
+    """This process's named Ray actor as ``namespace/name`` (a Serve replica), the ``owner``
+    its destinations carry; "" when it is not a named actor."""
+    name = ray.get_runtime_context().get_actor_name()
+    if not name:
+        return ""
+    # The runtime context gives the job's namespace, not the actor's (Serve's is its own).
+    namespaces = [a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"] == name]
+    return f"{namespaces[0]}/{name}" if len(namespaces) == 1 else ""
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the named actor ``namespace/name`` is alive: Ray drops a name when its actor
+    dies. An error other than "no such actor" (the GCS briefly away) counts as alive: the
+    lease's expiry still bounds it."""
+    namespace, _, name = owner.partition("/")
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001 (unknown: keep the lease, its expiry bounds it)
+        return True
+    return True
+
+
+@dataclass
+class _Lease:
+    refs: list
+    num_bytes: int
+    expires_at: float  # time.monotonic()
+    owner: str  # the destination's owner ("" unknown)
+
+
 @ray.remote(num_cpus=0)
 class LeaseKeeper:
-    """Holds published KV objects under leases (refs wrapped in lists: never dereferenced)."""
+    """Holds published KV objects under leases (refs wrapped in lists: never dereferenced).
+    A watcher thread ends, every ``owner_check_s``, the leases that expired and those whose
+    owner is gone (its pull will never come)."""
 
-    def __init__(self):
-        self._leases: dict[str, tuple[list, int, float]] = {}
+    def __init__(self, owner_check_s: float = 1.0):
+        self._leases: dict[str, _Lease] = {}
+        self._lock = threading.Lock()  # the actor's calls and the watcher
+        self._num_orphaned = 0  # leases ended because their owner was gone
+        threading.Thread(target=self._watch, args=(owner_check_s,), name="lease-watch",
+                         daemon=True).start()
 
-    def hold(self, request_id: str, refs: list, num_bytes: int, lease_s: float) -> None:
-        self._leases[request_id] = (refs, num_bytes, time.monotonic() + lease_s)
+    def hold(self, request_id: str, refs: list, num_bytes: int, lease_s: float,
+             owner: str = "") -> None:
+        with self._lock:
+            self._leases[request_id] = _Lease(refs, num_bytes, time.monotonic() + lease_s,
+                                              owner)
 
     def release(self, request_id: str) -> bool:
-        return self._leases.pop(request_id, None) is not None
+        with self._lock:
+            return self._leases.pop(request_id, None) is not None
 
     def expire(self) -> list[str]:
         now = time.monotonic()
-        expired = [rid for rid, (_, _, t) in self._leases.items() if t <= now]
-        for rid in expired:
-            del self._leases[rid]
+        with self._lock:
+            expired = [rid for rid, lease in self._leases.items() if lease.expires_at <= now]
+            for rid in expired:
+                del self._leases[rid]
         return expired
+
+    def end_orphans(self) -> list[str]:
+        """End the leases whose owner is gone; their request ids."""
+        with self._lock:
+            owners = {lease.owner for lease in self._leases.values() if lease.owner}
+        gone = {o for o in owners if not _owner_alive(o)}  # lookups outside the lock
+        with self._lock:
+            orphans = [rid for rid, lease in self._leases.items() if lease.owner in gone]
+            for rid in orphans:
+                del self._leases[rid]
+            self._num_orphaned += len(orphans)
+        return orphans
+
+    def _watch(self, period_s: float) -> None:
+        while True:
+            time.sleep(period_s)
+            self.expire()
+            self.end_orphans()
 
     def stats(self) -> tuple[int, int]:
         self.expire()
-        return len(self._leases), sum(b for _, b, _ in self._leases.values())
+        with self._lock:
+            return len(self._leases), sum(lease.num_bytes for lease in self._leases.values())
+
+    def num_orphaned(self) -> int:
+        """Leases ended so far because their owner was gone."""
+        return self._num_orphaned
 
 
 @dataclass(frozen=True)
@@ -143,7 +214,7 @@ class ObjectStoreKVWriter:
                 raise KVTransferAborted(f"KV of {header.request_id!r} was aborted or is "
                                         "incomplete")
             ray.get(self._keeper.hold.remote(header.request_id, refs, self._bytes,
-                                             self._lease_s),
+                                             self._lease_s, self.destination.owner),
                     timeout=self._call_timeout_s)  # GetTimeoutError: the keeper does not answer
             self._published = header.request_id
         return KVCompletion(header, BACKEND, self._bytes, self._num_layers,
@@ -167,8 +238,9 @@ class RayObjectStoreKVSender:
 
     backend = BACKEND
 
-    def __init__(self, lease_s: float = 60.0, call_timeout_s: float = 30.0):
-        self._keeper = LeaseKeeper.remote()
+    def __init__(self, lease_s: float = 60.0, call_timeout_s: float = 30.0,
+                 owner_check_s: float = 1.0):
+        self._keeper = LeaseKeeper.remote(owner_check_s)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-put")
         self._lease_s = lease_s
         self._call_timeout_s = call_timeout_s  # each call to the keeper
@@ -187,18 +259,25 @@ class RayObjectStoreKVSender:
         """(leases held, bytes they hold) -- KV published and not yet copied by decode."""
         return ray.get(self._keeper.stats.remote(), timeout=self._call_timeout_s)
 
+    def num_orphaned(self) -> int:
+        """Leases ended so far because the decode replica that would pull them was gone."""
+        return ray.get(self._keeper.num_orphaned.remote(), timeout=self._call_timeout_s)
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class RayObjectStoreKVReceiver:
     """Decode side: polls object readiness and copies arrived KV into the pool on a thread of
-    its own (a CUDA stream of its own on GPU), so the engine loop never waits for a copy."""
+    its own (a CUDA stream of its own on GPU), so the engine loop never waits for a copy.
+    ``owner``: the named Ray actor this receiver lives in (``actor_owner()``), which its
+    destinations carry so that prefill ends their leases if it dies before pulling."""
 
     backend = BACKEND
 
-    def __init__(self, clock: Callable[[], float] = time.time):
+    def __init__(self, clock: Callable[[], float] = time.time, owner: str = ""):
         self.endpoint = f"{BACKEND}:{uuid.uuid4().hex}"
+        self.owner = owner
         self._clock = clock
         self._cache = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-copy")
@@ -213,7 +292,7 @@ class RayObjectStoreKVReceiver:
     def destination(self, request_id: str, runs: tuple[Run, ...], num_prompt_tokens: int,
                     *, ttl_s: float) -> KVDestination:
         dest = KVDestination(request_id, BACKEND, self.endpoint, runs, num_prompt_tokens,
-                             self._clock() + ttl_s)
+                             self._clock() + ttl_s, owner=self.owner)
         self._destinations[request_id] = dest
         return dest
 

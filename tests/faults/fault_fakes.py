@@ -7,6 +7,8 @@ value into the replicas: they cannot import tests/).
   release) is the real receiver's.
 - ``StalledPullDecodeServer``: the real DecodeServer with that receiver in place of its
   object-store receiver; ``stalled_pulls`` reports how many pulls it stalled and holds now.
+- ``LeasePuller``: a decode replica reduced to its object-store receiver, in a named actor of
+  its own (so that a test can kill the puller of a published lease).
 """
 
 from __future__ import annotations
@@ -62,3 +64,36 @@ class StalledPullDecodeServer(DecodeServer.func_or_class):
         """(pulls stalled so far, stalled pulls still held)."""
         return await self._loop.call(lambda _: (self._stall.num_stalled,
                                                 len(self._stall._stalled)))
+
+
+class LeasePuller:
+    """Stand-in for a decode replica (a named Ray actor: ``ray.remote`` it with a name): the
+    real object-store receiver, whose destinations carry this actor as their owner."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int):
+        import torch
+
+        from disagg.kv.layout import KVLayout
+        from disagg.kv.paged_cache import PagedKVCache
+        from disagg.transport.ray_object_store import RayObjectStoreKVReceiver, actor_owner
+
+        self.receiver = RayObjectStoreKVReceiver(owner=actor_owner())
+        self.receiver.attach(PagedKVCache(KVLayout(num_layers, num_kv_heads, head_dim,
+                                                   torch.float32), 16, 4))
+
+    def destination(self, request_id: str, runs, num_prompt_tokens: int, ttl_s: float) -> list:
+        return self.receiver.destination(request_id, runs, num_prompt_tokens,
+                                         ttl_s=ttl_s).to_list()
+
+    def pull(self, completion, deadline_s: float) -> str:
+        """Take the completion record and copy its KV in: the pull's final status."""
+        import time
+
+        self.receiver.complete(completion)
+        end = time.monotonic() + deadline_s
+        while not (result := self.receiver.poll(completion.request_id)).status.finished:
+            if time.monotonic() > end:
+                return "hung"
+            time.sleep(0.01)
+        self.receiver.release(completion.request_id)
+        return result.status.value

@@ -89,6 +89,18 @@ def stats(app: str):
     return decode, prefill
 
 
+def replica_actor(deployment: str, app: str | None = None):
+    """The one replica actor of ``deployment`` (of ``app``, if given: other apps may run)."""
+    import ray
+    from ray.util import list_named_actors
+
+    tag = f"::{app}#{deployment}#" if app is not None else f"#{deployment}#"
+    names = [a for a in list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA") and tag in a["name"]]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+
+
 def wait_baseline(app: str, deadline_s: float = 120.0) -> float:
     """Seconds until every KV block is free, no request unfinished and no lease held."""
     t0, last = time.monotonic(), None

@@ -25,7 +25,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from faultlib import MAX_TOKENS, MODEL, PROMPT_TOKENS, body, counts, stream, wait_baseline
+from faultlib import (
+    MAX_TOKENS,
+    MODEL,
+    PROMPT_TOKENS,
+    body,
+    counts,
+    replica_actor,
+    stream,
+    wait_baseline,
+)
 from helpers import own_serve_app
 
 from benchmarks.common import write_results
@@ -55,16 +64,6 @@ def app_url():
                                              "max_tokens": MAX_TOKENS})
 
 
-def _replica_actor(deployment: str):
-    import ray
-    from ray.util import list_named_actors
-
-    names = [a for a in list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]]
-    assert len(names) == 1, names
-    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
-
-
 async def _recovered(client: httpx.AsyncClient, t_kill: float) -> tuple[float, int]:
     """Seconds from the kill until a fresh request is answered in full, and how many fresh
     requests failed (clearly: each is classified) before that."""
@@ -89,7 +88,7 @@ def _run_with_kill(app_url: str, deployment: str, kill_after_s: float) -> dict:
             tasks = [asyncio.create_task(stream(client, body(i), REQUEST_DEADLINE_S))
                      for i in range(NUM_CLIENTS)]
             await asyncio.sleep(kill_after_s)
-            actor = _replica_actor(deployment)
+            actor = replica_actor(deployment, APP)
             t_kill = time.monotonic()
             ray.kill(actor, no_restart=True)  # Serve's controller replaces the replica
             outcomes = await asyncio.gather(*tasks)
