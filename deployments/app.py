@@ -20,7 +20,7 @@ client ──HTTP/SSE──► OpenAIIngress      auth, strict validation, token
 from __future__ import annotations
 
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from deployments.admission import DECODE_DEPLOYMENT, prefill_deployment
 from deployments.config import DEFAULT_POOL, AppConfig, ReplicaSettings
@@ -58,6 +58,12 @@ def _routing(config: AppConfig, settings: ReplicaSettings, deployment: str, role
     """Routing and scaling options of a role: our request router (plans, reports, in-flight
     counts) and, when ``autoscaling`` is set, Serve's autoscaling on the same queue signal."""
     options = {}
+    if role == "ingress" and settings.max_queued_requests is not None:
+        # Serve's proxy holds a request until an ingress replica takes it, also while none is
+        # alive (one restarting); past this bound it answers 503 + Retry-After at once.
+        options["max_queued_requests"] = settings.max_queued_requests
+        options["backpressure_config"] = BackpressureConfig(status_code=503,
+                                                            retry_after_s=settings.retry_after_s)
     if role != "ingress":
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=DisaggRequestRouter,

@@ -192,6 +192,11 @@ class IngressSettings(ReplicaSettings):
     max_tokens_limit: int | None = Field(
         4096, ge=1, description="server-side cap on generated tokens per request: more is a "
                                 "400, none asked gets at most this; None = the context's rest")
+    max_queued_requests: int | None = Field(
+        256, ge=1, description="requests Serve's HTTP proxy holds for an ingress replica (all "
+                               "busy, or none alive while one restarts); past this the proxy "
+                               "answers 503 with Retry-After at once; None: no bound")
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After of the proxy's 503s")
 
     @model_validator(mode="after")
     def _check_api_key(self):

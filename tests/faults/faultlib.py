@@ -44,7 +44,14 @@ async def stream(client: httpx.AsyncClient, request: dict, deadline_s: float,
         async with asyncio.timeout(deadline_s):
             async with client.stream("POST", path, json=request) as r:
                 if r.status_code != 200:
-                    error = json.loads(await r.aread())["error"]
+                    text = (await r.aread()).decode(errors="replace")
+                    try:
+                        error = json.loads(text)["error"]
+                    except ValueError:  # Serve's proxy answered itself: its text, no JSON
+                        retry = r.headers.get("retry-after")
+                        return Outcome("error_status", time.monotonic() - t0,
+                                       f"{r.status_code} proxy"
+                                       + (f" retry-after {retry}" if retry else ""), text[:200])
                     assert error["message"] and error["type"], error
                     return Outcome("error_status", time.monotonic() - t0,
                                    f"{r.status_code} {error['code']}", error["message"])
@@ -74,6 +81,13 @@ async def stream(client: httpx.AsyncClient, request: dict, deadline_s: float,
         return Outcome("cut", time.monotonic() - t0, repr(e))
 
 
+def answered_by_proxy(outcomes: list) -> list:
+    """The outcomes (``Outcome`` or its dict) Serve's HTTP proxy answered itself (its plain
+    text, not our OpenAI-shaped error: no ingress replica took the request, or it died)."""
+    return [o for o in outcomes
+            if " proxy" in (o["detail"] if isinstance(o, dict) else o.detail)]
+
+
 def counts(outcomes: list[Outcome]) -> dict[str, int]:
     return {k: sum(o.kind == k for o in outcomes)
             for k in ("completed", "error_status", "error_event", "hung", "cut")}
@@ -89,16 +103,18 @@ def stats(app: str):
     return decode, prefill
 
 
-def replica_actor(deployment: str, app: str | None = None):
-    """The one replica actor of ``deployment`` (of ``app``, if given: other apps may run)."""
+def replica_actors(deployment: str, app: str | None = None) -> list:
+    """The replica actors of ``deployment`` (of ``app``, if given: other apps may run), by
+    name."""
     import ray
     from ray.util import list_named_actors
 
     tag = f"::{app}#{deployment}#" if app is not None else f"#{deployment}#"
-    names = [a for a in list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA") and tag in a["name"]]
-    assert len(names) == 1, names
-    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    names = sorted((a for a in list_named_actors(all_namespaces=True)
+                    if a["name"].startswith("SERVE_REPLICA") and tag in a["name"]),
+                   key=lambda a: a["name"])
+    assert names, f"no replica of {deployment}"
+    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in names]
 
 
 def wait_baseline(app: str, deadline_s: float = 120.0) -> float:

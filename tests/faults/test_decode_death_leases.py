@@ -15,7 +15,16 @@ import time
 
 import httpx
 from fault_fakes import STALL_PROMPT_TOKENS
-from faultlib import RESULTS, body, counts, replica_actor, stats, stream, wait_baseline
+from faultlib import (
+    RESULTS,
+    answered_by_proxy,
+    body,
+    counts,
+    replica_actors,
+    stats,
+    stream,
+    wait_baseline,
+)
 
 from deployments.config import PrefillSettings
 
@@ -52,7 +61,7 @@ def test_leases_end_when_their_decode_replica_dies_before_pulling(fault_app):
                      for i in range(NUM_STALLED)]
             # Every lease published and its record with decode, whose pulls never finish.
             await asyncio.to_thread(_wait_leases, app, NUM_STALLED, REQUEST_DEADLINE_S)
-            ray.kill(replica_actor("DecodeServer", app), no_restart=True)
+            ray.kill(replica_actors("DecodeServer", app)[0], no_restart=True)
             t_kill = time.monotonic()
             freed_s = await asyncio.to_thread(_wait_leases, app, 0, LEASE_BOUND_S)
             return await asyncio.gather(*tasks), freed_s, time.monotonic() - t_kill
@@ -60,6 +69,7 @@ def test_leases_end_when_their_decode_replica_dies_before_pulling(fault_app):
     outcomes, freed_s, _ = asyncio.run(main())
     assert counts(outcomes)["hung"] == 0, outcomes
     assert all(o.kind in ("error_event", "error_status") for o in outcomes), outcomes
+    assert not answered_by_proxy(outcomes), outcomes  # the ingress answered each
     baseline_s = wait_baseline(app)  # the new decode replica serves; nothing else is held
     RESULTS["decode_dies_before_pull"] = {
         "stalled": counts(outcomes), "leases_freed_after_kill_s": round(freed_s, 2),

@@ -4,7 +4,10 @@ app for the module) serves ~20 concurrent streaming clients while a replica is k
 
 - the prefill replica, with prompts queued and in prefill;
 - the decode replica, mid-stream;
-- the ingress replica, mid-stream.
+- an ingress replica, mid-stream (the app runs the shipped YAML's ingress settings: two
+  replicas, so fresh requests are served by the other one);
+- every ingress replica: fresh requests past ``ingress.max_queued_requests`` get Serve's 503
+  with ``Retry-After`` at once.
 
 Every request must complete or end with a clear error (an HTTP error in the OpenAI shape, or
 an SSE error event; with the ingress itself gone, the connection closed before
@@ -25,17 +28,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from faultlib import (
     MAX_TOKENS,
     MODEL,
     PROMPT_TOKENS,
+    answered_by_proxy,
     body,
     counts,
-    replica_actor,
+    replica_actors,
     stream,
     wait_baseline,
 )
-from helpers import own_serve_app
+from helpers import REPO_ROOT, own_serve_app
 
 from benchmarks.common import write_results
 from deployments.config import PrefillSettings
@@ -49,11 +54,19 @@ RECOVERY_DEADLINE_S = 180.0
 _results: dict[str, dict] = {}
 
 
+def _shipped_ingress() -> dict:
+    """The ingress settings of the YAML users run (its replica count and queue bound)."""
+    shipped = yaml.safe_load((REPO_ROOT / "deployments" / "prefill_decode.yaml").read_text())
+    ingress = shipped["applications"][0]["args"]["ingress"]
+    return {k: v for k, v in ingress.items() if k in ("num_replicas", "max_queued_requests")}
+
+
 @pytest.fixture(scope="module")
 def app_url():
     from deployments.config import AppConfig
 
-    config = AppConfig(model=MODEL, local_prefill_max_tokens=8, health_check_period_s=1.0)
+    config = AppConfig(model=MODEL, local_prefill_max_tokens=8, health_check_period_s=1.0,
+                       ingress=_shipped_ingress())
     with own_serve_app(config, APP) as url:
         yield url
     path = os.environ.get("DISAGG_FAULTS_JSON")
@@ -64,17 +77,54 @@ def app_url():
                                              "max_tokens": MAX_TOKENS})
 
 
-async def _recovered(client: httpx.AsyncClient, t_kill: float) -> tuple[float, int]:
-    """Seconds from the kill until a fresh request is answered in full, and how many fresh
-    requests failed (clearly: each is classified) before that."""
-    failed = 0
+def _running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    return serve.status().applications[APP].deployments[deployment].replica_states.get(
+        "RUNNING", 0)
+
+
+def _replaced_s(deployment: str, t_kill: float, num_replicas: int) -> float:
+    """Seconds from the kill until Serve reports the killed replica replaced: fewer than
+    ``num_replicas`` running (the death noticed), then all of them again."""
+    noticed = False
+    while time.monotonic() - t_kill < RECOVERY_DEADLINE_S:
+        running = _running_replicas(deployment)
+        noticed = noticed or running < num_replicas
+        if noticed and running == num_replicas:
+            return time.monotonic() - t_kill
+        time.sleep(0.05)
+    raise AssertionError(f"{deployment}: the killed replica was not replaced")
+
+
+async def _probe(client: httpx.AsyncClient, t_kill: float) -> dict:
+    """A fresh one-token request sent right after the kill: how it was answered, and when,
+    against when Serve had replaced the killed replica (answered before that: another
+    replica served it; with a single replica it can only be answered after)."""
+    replaced = asyncio.create_task(asyncio.to_thread(
+        _replaced_s, "OpenAIIngress", t_kill, _shipped_ingress()["num_replicas"]))
+    outcome = await stream(client, body(998, prompt_tokens=4, max_tokens=1, stream=False),
+                           REQUEST_DEADLINE_S)
+    answered_s = time.monotonic() - t_kill
+    return {"kind": outcome.kind, "detail": outcome.detail,
+            "answered_after_kill_s": round(answered_s, 2),
+            "replaced_after_kill_s": round(await replaced, 2)}
+
+
+async def _recovered(client: httpx.AsyncClient, t_kill: float) -> tuple[float, list[dict]]:
+    """Seconds from the kill until a fresh request is answered in full, and how each fresh
+    request before that failed (clearly: each is classified), when sent and how fast."""
+    failed = []
     while True:
         assert time.monotonic() - t_kill < RECOVERY_DEADLINE_S, "the service did not recover"
+        sent_s = time.monotonic() - t_kill
         outcome = await stream(client, body(999), REQUEST_DEADLINE_S)
         if outcome.kind == "completed":
             return time.monotonic() - t_kill, failed
         assert outcome.kind != "hung", outcome
-        failed += 1
+        failed.append({"sent_s": round(sent_s, 2), "answered_s": round(outcome.seconds, 2),
+                       "kind": outcome.kind, "detail": outcome.detail,
+                       "message": outcome.message[:100]})
         await asyncio.sleep(0.5)
 
 
@@ -88,20 +138,22 @@ def _run_with_kill(app_url: str, deployment: str, kill_after_s: float) -> dict:
             tasks = [asyncio.create_task(stream(client, body(i), REQUEST_DEADLINE_S))
                      for i in range(NUM_CLIENTS)]
             await asyncio.sleep(kill_after_s)
-            actor = replica_actor(deployment, APP)
+            actor = replica_actors(deployment, APP)[0]
             t_kill = time.monotonic()
             ray.kill(actor, no_restart=True)  # Serve's controller replaces the replica
+            probe = await _probe(client, t_kill) if deployment == "OpenAIIngress" else None
             outcomes = await asyncio.gather(*tasks)
             recovery_s, failed_after = await _recovered(client, t_kill)
-            return outcomes, recovery_s, failed_after
+            return outcomes, recovery_s, failed_after, probe
 
     wait_baseline(APP)
-    outcomes, recovery_s, failed_after = asyncio.run(main())
+    outcomes, recovery_s, failed_after, probe = asyncio.run(main())
     # Half a lease: work of the killed replica's requests freed, not left to the lease clock.
     baseline_s = wait_baseline(APP, deadline_s=PrefillSettings().lease_s / 2) \
         if deployment == "OpenAIIngress" else wait_baseline(APP)
     row = {**counts(outcomes), "recovery_s": round(recovery_s, 2),
-           "fresh_failed_before_recovery": failed_after,
+           "fresh_failed_before_recovery": len(failed_after), "fresh_failed": failed_after,
+           "probe_after_kill": probe,
            "baseline_after_s": round(baseline_s, 2),
            "slowest_s": round(max(o.seconds for o in outcomes), 2),
            "outcomes": [asdict(o) for o in outcomes]}
@@ -123,6 +175,7 @@ def test_kill_prefill_under_load(app_url):
     row = _run_with_kill(app_url, "PrefillServer", kill_after_s=0.5)
     assert row["hung"] == 0 and row["cut"] == 0, row
     assert row["completed"] + row["error_status"] + row["error_event"] == NUM_CLIENTS
+    assert not answered_by_proxy(row["outcomes"]), row  # the ingress answered each
 
 
 def test_kill_decode_mid_stream(app_url):
@@ -130,15 +183,24 @@ def test_kill_decode_mid_stream(app_url):
     row = _run_with_kill(app_url, "DecodeServer", kill_after_s=2.0)
     assert row["hung"] == 0 and row["cut"] == 0, row
     assert row["completed"] + row["error_status"] + row["error_event"] == NUM_CLIENTS
+    assert not answered_by_proxy(row["outcomes"]), row  # the ingress answered each
 
 
 def test_kill_ingress_mid_stream(app_url):
     """The ingress is the one that writes errors: with it gone, a client's stream ends
     without ``data: [DONE]`` (the connection closed, or the proxy's own error), never hangs;
-    Serve starts a new ingress, fresh requests succeed, and the decode and prefill work of
-    the lost streams is freed (its callers are gone) well before a lease expires."""
+    a fresh request sent right after the kill is served in full by the other ingress replica
+    (the shipped YAML runs two) before Serve has replaced the killed one -- with one, it
+    waited at the proxy in silence until the new ingress was up; fresh requests succeed, and
+    the decode and prefill work of the lost streams is freed (its callers are gone) well
+    before a lease expires."""
     _warm(app_url)
+    num_ingress = _shipped_ingress()["num_replicas"]
+    assert num_ingress >= 2
     row = _run_with_kill(app_url, "OpenAIIngress", kill_after_s=2.0)
+    probe = row["probe_after_kill"]
+    assert probe["kind"] == "completed", probe
+    assert probe["answered_after_kill_s"] < probe["replaced_after_kill_s"], probe
     assert row["hung"] == 0, row
     # Only the ingress writes ``[DONE]``: a short stream that ends with it would be cut
     # silently; the lost streams end with the connection (or the proxy's error) instead.
@@ -180,3 +242,50 @@ def test_clients_leaving_before_their_first_token_free_everything(app_url):
         "baseline_after_s": round(time.monotonic() - t0, 2)}
     print("disconnect", _results["disconnect_before_first_token"])
     assert left_before_first_token > 0, "every client had its first token: nothing tested"
+
+
+def test_with_no_ingress_alive_the_proxy_answers_503_at_once_past_its_bound(app_url):
+    """Every ingress replica killed: Serve's proxy holds fresh requests for the replacements
+    (it has no way to refuse them all while none is alive), but only up to
+    ``ingress.max_queued_requests``: the ones past it get a 503 with ``Retry-After`` (Serve's
+    own plain-text body) while no ingress replica is running yet; the held ones are served
+    once one is back, none hangs."""
+    import ray
+
+    from deployments.config import AppConfig
+
+    _warm(app_url)
+    wait_baseline(APP)
+    bound = AppConfig(ingress=_shipped_ingress()).ingress.max_queued_requests
+    num_fresh = bound + 16
+
+    async def main():
+        async with httpx.AsyncClient(base_url=app_url, timeout=REQUEST_DEADLINE_S,
+                                     limits=httpx.Limits(max_connections=num_fresh)) as c:
+            t_kill = time.monotonic()
+            for actor in replica_actors("OpenAIIngress", APP):
+                ray.kill(actor, no_restart=True)
+            replaced = asyncio.create_task(asyncio.to_thread(
+                _replaced_s, "OpenAIIngress", t_kill, _shipped_ingress()["num_replicas"]))
+            outcomes = await asyncio.gather(*(
+                stream(c, body(700 + i, prompt_tokens=4, max_tokens=1, stream=False),
+                       REQUEST_DEADLINE_S) for i in range(num_fresh)))
+            return outcomes, time.monotonic() - t_kill, await replaced
+
+    outcomes, seconds, replaced_s = asyncio.run(main())
+    shed = [o for o in outcomes if o.detail == "503 proxy retry-after 1"]
+    row = {**counts(outcomes), "fresh": num_fresh, "bound": bound, "shed_503": len(shed),
+           "shed_slowest_s": round(max((o.seconds for o in shed), default=0.0), 2),
+           "held_slowest_s": round(max(o.seconds for o in outcomes if o.kind == "completed"),
+                                   2),
+           "replaced_after_kill_s": round(replaced_s, 2), "all_ended_s": round(seconds, 2),
+           "other_errors": sorted({o.detail for o in outcomes
+                                   if o.kind != "completed" and o not in shed})}
+    _results["no_ingress_alive"] = row
+    print("no ingress alive", row)
+    assert row["hung"] == 0, row
+    # Refused before any ingress replica was back: at once, not after the wait for one (the
+    # requests were all sent at the kill, so their seconds are seconds after it).
+    assert shed and row["shed_slowest_s"] < replaced_s, row
+    assert row["completed"] >= 1, row
+    wait_baseline(APP)
