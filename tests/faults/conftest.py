@@ -1,7 +1,11 @@
 """One Serve app for the CI fault tests (an app start costs ~30 s on 2 cores): the real app on
 ``random:tiny-llama`` (every prompt of 8+ tokens disaggregated), its DecodeServer the test
 fake ``StalledPullDecodeServer`` (fault_fakes.py: pulls of one prompt length stall, all others
-are the real thing), with a short pull deadline so that a stalled pull fails within seconds.
+are the real thing), with a short pull deadline so that a stalled pull fails within seconds,
+and a short fence grace for cancelled prefills (``CANCEL_GRACE_S``): its KV moves only through
+the object store, so a cancelled prefill never writes into decode's rows and the grace only
+bounds the wait for a late completion record (milliseconds here); the 10 s default made every
+test that cancels wait ~15 s (grace + the fence margin) for its blocks.
 
 It runs on the Ray instance already up (``make test``: the deployments tests keep theirs for
 the session), under ``/faults-ci``, reserving little CPU next to the app there; or on one of
@@ -15,7 +19,7 @@ import os
 from pathlib import Path
 
 import pytest
-from faultlib import MODEL, PULL_DEADLINE_S, RESULTS
+from faultlib import CANCEL_GRACE_S, MODEL, PULL_DEADLINE_S, RESULTS
 from helpers import free_port
 
 APP = "faults-ci"
@@ -48,7 +52,8 @@ def fault_app():
         "model": MODEL, "local_prefill_max_tokens": 8, "health_check_period_s": 1.0,
         "prefill": {"num_cpus": 0.2}, "ingress": {"num_cpus": 0.1},
         "decode": {"num_cpus": 0.2, "kv_cache_gib": 0.1,  # ~100K tokens: ample here
-                   "remote_kv_timeout_s": PULL_DEADLINE_S}})
+                   "remote_kv_timeout_s": PULL_DEADLINE_S,
+                   "cancel_grace_s": CANCEL_GRACE_S}})
     mp = pytest.MonkeyPatch()
     mp.setattr(deployments.app, "DecodeServer",
                DecodeServer.options(func_or_class=fault_fakes.StalledPullDecodeServer))
@@ -69,4 +74,5 @@ def fault_app():
 
             write_results("faults_ci_cpu", [{"test": k, **v} for k, v in RESULTS.items()],
                           out=Path(path), extra={"model": MODEL,
-                                                 "pull_deadline_s": PULL_DEADLINE_S})
+                                                 "pull_deadline_s": PULL_DEADLINE_S,
+                                                 "cancel_grace_s": CANCEL_GRACE_S})

@@ -17,6 +17,7 @@ PROMPT_TOKENS = 600
 MAX_TOKENS = 48
 RESULTS: dict[str, dict] = {}  # rows of the CI fault tests (conftest writes them)
 PULL_DEADLINE_S = 15.0  # the CI app's decode.remote_kv_timeout_s (the whole hand-off)
+CANCEL_GRACE_S = 3.0  # the CI app's decode.cancel_grace_s (conftest.py says why)
 
 
 @dataclass
