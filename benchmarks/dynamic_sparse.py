@@ -9,7 +9,10 @@
 ``128 x 128`` causal block of a dense prefill, against two cheap estimates that feed the same
 block-sparse kernel: XAttention's antidiagonal sums (threshold 0.8 / 0.9 / 0.95) and
 MInference's vertical-slash estimate from the last 64 queries (top columns and diagonals, turned
-into the blocks they cross), with the oracle (top blocks by exact mass) as the bound. Recall =
+into the blocks they cross), with the oracle (top blocks by exact mass) as the bound; and, at
+each threshold's density, both block estimates of ``selection.block_scores`` under the same
+per-row quota as the oracle (``*_blocks`` rows: the selection the kernel ships, compared at
+equal density). Recall =
 exact mass inside the kept blocks, averaged over query blocks; density = kept / causal blocks.
 ``density``: the block density the shipped setting (antidiagonal, threshold 0.9) keeps in the
 dense layers of SmolLM2's TriangleMix split at 8K, over the fidelity tasks and natural text.
@@ -33,9 +36,12 @@ import torch
 from disagg_kernels.dynamic_sparse import (
     DynamicSparseParams,
     antidiagonal_block_scores,
+    block_scores,
     kept_fraction,
     select_blocks,
+    vertical_slash_block_scores,
 )
+from disagg_kernels.dynamic_sparse.params import METHODS
 
 from benchmarks.common import RESULTS_DIR, add_provenance_args, print_table, write_results
 from disagg.attention.triangle import PUBLISHED_TRIANGLE_LAYERS, TriangleMixConfig
@@ -185,12 +191,20 @@ def run_select(args, device) -> None:
                 mass = exact_block_mass(q, k, model.scale)
                 nb = mass.shape[1]
                 scores = antidiagonal_block_scores(q, k, block_size=BLOCK, stride=16)
+                vs_scores = vertical_slash_block_scores(q, k, block_size=BLOCK,
+                                                        last_queries=VS_LAST_Q)
                 for t in THRESHOLDS:
                     idx, cnt = select_blocks(scores, DynamicSparseParams(threshold=t))
                     r, d = _recall_density(mass, _mask_from_lists(idx, cnt, nb))
                     acc.setdefault(("antidiagonal", f"threshold={t}"), []).append((r, d))
                     ro, _ = _recall_density(mass, _oracle(mass, d))
                     acc.setdefault(("oracle", f"density of threshold={t}"), []).append((ro, d))
+                    # Both block estimates at that density, by the same quota rule as the oracle.
+                    for method, est in (("antidiagonal_blocks", scores),
+                                        ("vertical_slash_blocks", vs_scores)):
+                        idx, cnt = select_blocks(est, DynamicSparseParams(density=d))
+                        acc.setdefault((method, f"density of threshold={t}"), []).append(
+                            _recall_density(mass, _mask_from_lists(idx, cnt, nb)))
                 for nc, nd in VS_BUDGETS:
                     keep = vertical_slash_blocks(q, k, model.scale, nc, nd)
                     acc.setdefault(("vertical_slash", f"columns={nc},diagonals={nd}"),
@@ -210,15 +224,13 @@ def run_density(args, device) -> None:
     model, tokenizer = _smollm2(device)
     tm = TriangleMixConfig(PUBLISHED_TRIANGLE_LAYERS["smollm2-135m"])
     dense_layers = [i for i in range(model.config.num_layers) if i not in tm.triangle_layers]
-    params = DynamicSparseParams(threshold=args.threshold)
+    params = DynamicSparseParams(threshold=args.threshold, method=args.method)
     rows, per_layer = [], {i: [] for i in dense_layers}
     for task, ids in _prompts(tokenizer, args.length, args.prompts, args.tasks):
         qk = _capture(model, ids, dense_layers, device)
         kept = []
         for layer, (q, k) in qk.items():
-            scores = antidiagonal_block_scores(q, k, block_size=params.block_size,
-                                               stride=params.stride, scale=model.scale)
-            _, cnt = select_blocks(scores, params)
+            _, cnt = select_blocks(block_scores(q, k, params, scale=model.scale), params)
             per_layer[layer].append(kept_fraction(cnt))
             kept.append(per_layer[layer][-1])
         rows.append({"context_tokens": args.length, "task": task, "density": statistics.mean(kept)})
@@ -231,9 +243,10 @@ def run_density(args, device) -> None:
     print(f"SmolLM2 {args.length}: density {density:.3f} ({params.tag})")
 
 
-def layer_attention_ms(config, n: int, densities: list[float], device) -> dict[str, float]:
+def layer_attention_ms(config, n: int, densities: list[float], device,
+                       method: str = "antidiagonal") -> dict[str, float]:
     """One layer's attention alone at ``n`` tokens (random q/k/v, so near-uniform attention):
-    cuDNN dense, and selection + block-sparse kernel (and selection alone) per density."""
+    dense, and selection + block-sparse kernel (and selection alone) per density."""
     from disagg_kernels.dynamic_sparse import dynamic_sparse_attention
     from triton.testing import do_bench
 
@@ -246,11 +259,11 @@ def layer_attention_ms(config, n: int, densities: list[float], device) -> dict[s
                         dtype=torch.bfloat16) for _ in range(2))
     out = {"dense": do_bench(lambda: dense_attention(q, k, v, q_start=0), warmup=2, rep=10)}
     for d in densities:
-        p = DynamicSparseParams(density=d)
+        p = DynamicSparseParams(density=d, method=method)
         out[f"dynamic@{d}"] = do_bench(lambda p=p: dynamic_sparse_attention(q, k, v, params=p),
                                        warmup=2, rep=10)
-        out[f"select@{d}"] = do_bench(lambda p=p: select_blocks(antidiagonal_block_scores(
-            q, k, block_size=p.block_size, stride=p.stride), p), warmup=2, rep=10)
+        out[f"select@{d}"] = do_bench(lambda p=p: select_blocks(block_scores(q, k, p), p),
+                                      warmup=2, rep=10)
     return out
 
 
@@ -279,11 +292,10 @@ def run_tiles(args, device) -> None:
     q = torch.randn(n, num_heads, head_dim, device=device, generator=g, dtype=torch.bfloat16)
     k, v = (torch.randn(n, num_kv_heads, head_dim, device=device, generator=g,
                         dtype=torch.bfloat16) for _ in range(2))
-    params = DynamicSparseParams(density=density)
+    params = DynamicSparseParams(density=density, method=args.method)
 
     def select():
-        return select_blocks(antidiagonal_block_scores(q, k, block_size=params.block_size,
-                                                       stride=params.stride), params)
+        return select_blocks(block_scores(q, k, params), params)
 
     idx, cnt = select()
     kept = kept_fraction(cnt)
@@ -327,10 +339,11 @@ def run_ttft(args, device) -> None:
     config, context = model.config, model.config.max_context_tokens
     tm = published_trianglemix("llama-3.1-8b")
     modes = [("dense", None, None), ("trianglemix", tm, None)] + [
-        ("trianglemix+dynamic", replace(tm, dynamic=DynamicSparseParams(density=d)), d)
+        ("trianglemix+dynamic",
+         replace(tm, dynamic=DynamicSparseParams(density=d, method=args.method)), d)
         for d in densities]
     rows, n = [], args.length
-    layer_ms = layer_attention_ms(config, n, densities, device)
+    layer_ms = layer_attention_ms(config, n, densities, device, args.method)
     print({k: round(x, 2) for k, x in layer_ms.items()}, flush=True)
     warm = _request(8191, config.vocab_size, context)
     req = _request(n, config.vocab_size, context)
@@ -346,8 +359,9 @@ def run_ttft(args, device) -> None:
         print(rows[-1], flush=True)
         write_results("dynamic_sparse", rows, commit=args.commit, dirty=args.dirty, out=args.out,
                       extra={"model": source.name, "dtype": "bfloat16", "layer_attention_ms":
-                             layer_ms, "smollm2_density": measured, "selection": "antidiagonal "
-                             "stride 16, block 128, density mode (top blocks per query block)"})
+                             layer_ms, "smollm2_density": measured, "selection":
+                             f"{DynamicSparseParams(method=args.method).tag}, density mode "
+                             "(top blocks per query block)"})
     print_table(rows, ["context_tokens", "mode", "density", "ttft_s"])
 
 
@@ -361,6 +375,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="synthetic tasks used "
                         "(natural text is always added)")
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--method", choices=list(METHODS), default="antidiagonal",
+                        help="ttft / tiles / density: the block estimate")
     parser.add_argument("--density-json", type=Path, default=RESULTS_DIR / "dynamic_sparse_density.json")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.35, 0.5])
     parser.add_argument("--repeats", type=int, default=1)

@@ -1,7 +1,7 @@
 """Dynamic block-sparse prefill attention (XAttention-style) for the dense layers of TriangleMix.
 
-Per layer: estimate every causal block's attention mass from antidiagonal sums
-(``selection.antidiagonal_block_scores``), keep per KV head and query block the blocks that
+Per layer: estimate every causal block's attention mass (``selection.block_scores``:
+antidiagonal sums or the vertical-slash pattern, ``DynamicSparseParams.method``), keep per KV head and query block the blocks that
 carry ``threshold`` of it, or a fixed ``density`` (``selection.select_blocks``), then run
 causal attention over those blocks only (Triton kernel on CUDA, the PyTorch reference
 elsewhere). The diagonal block and the sink block are always kept.
@@ -13,12 +13,20 @@ import torch
 
 from .params import DynamicSparseParams
 from .reference import block_mask, block_sparse_attention_reference
-from .selection import antidiagonal_block_scores, blocks_from_mask, kept_fraction, select_blocks
+from .selection import (
+    antidiagonal_block_scores,
+    block_scores,
+    blocks_from_mask,
+    kept_fraction,
+    select_blocks,
+    vertical_slash_block_scores,
+)
 
 __all__ = [
     "DynamicSparseParams",
     "antidiagonal_block_scores",
     "block_mask",
+    "block_scores",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "block_sparse_attention_triton",
@@ -26,6 +34,7 @@ __all__ = [
     "dynamic_sparse_attention",
     "kept_fraction",
     "select_blocks",
+    "vertical_slash_block_scores",
 ]
 
 
@@ -52,8 +61,7 @@ def dynamic_sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select blocks, then attend: q ``[N, Hq, D]``, k/v ``[N, Hkv, D]`` of one whole prompt ->
     ``(out [N, Hq, D], block_count [Hkv, Qb])`` (the counts tell the density kept)."""
-    scores = antidiagonal_block_scores(q, k, block_size=params.block_size, stride=params.stride,
-                                       scale=scale)
+    scores = block_scores(q, k, params, scale=scale)
     block_idx, block_count = select_blocks(scores, params)
     out = block_sparse_attention(q, k, v, block_idx, block_count, block_size=params.block_size,
                                  scale=scale)

@@ -1,8 +1,9 @@
-"""Parameters of dynamic block-sparse prefill attention (XAttention-style block selection).
+"""Parameters of dynamic block-sparse prefill attention.
 
 The causal ``N x N`` square is cut into ``block_size x block_size`` blocks. Per KV head and
 query block, the blocks to compute are chosen from a cheap estimate of each block's attention
-mass (``select.py``: the antidiagonal sums of XAttention, sampled with ``stride``):
+mass (``selection.py``, ``method``: XAttention's antidiagonal sums sampled with ``stride``, or
+MInference's vertical-slash pattern of the ``last_queries`` queries):
 - ``threshold`` mode (``density`` None): the fewest blocks whose estimated mass reaches
   ``threshold`` of the row's total -- the density adapts to the prompt;
 - ``density`` mode: the top ``ceil(density * causal blocks)`` blocks of each row -- a fixed cost,
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+METHODS = ("antidiagonal", "vertical_slash")
+
 
 @dataclass(frozen=True)
 class DynamicSparseParams:
@@ -25,6 +28,8 @@ class DynamicSparseParams:
     threshold: float = 0.9  # estimated attention mass each query block keeps (threshold mode)
     density: float | None = None  # set: keep this fraction of each row's causal blocks instead
     min_tokens: int = 4096  # shorter prompts run dense (the estimate costs more than it saves)
+    method: str = "antidiagonal"  # the block estimate: "antidiagonal" | "vertical_slash"
+    last_queries: int = 64  # vertical_slash: the queries whose attention gives the pattern
 
     def __post_init__(self) -> None:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
@@ -35,6 +40,10 @@ class DynamicSparseParams:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.density is not None and not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.last_queries < 1:
+            raise ValueError(f"last_queries must be >= 1, got {self.last_queries}")
         if self.min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {self.min_tokens}")
 
@@ -42,4 +51,6 @@ class DynamicSparseParams:
     def tag(self) -> str:
         rule = f"density={self.density}" if self.density is not None else \
             f"threshold={self.threshold}"
-        return f"dynamic(block={self.block_size},stride={self.stride},{rule})"
+        estimate = f"stride={self.stride}" if self.method == "antidiagonal" else \
+            f"vertical_slash={self.last_queries}"
+        return f"dynamic(block={self.block_size},{estimate},{rule})"

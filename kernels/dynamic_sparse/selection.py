@@ -1,15 +1,18 @@
-"""Block selection of dynamic sparse attention: XAttention's antidiagonal estimate, then a
-threshold (or a fixed density) per query block. Plain PyTorch (a few large matrix products and
-one sort per layer); runs on any device.
+"""Block selection of dynamic sparse attention: an estimate of every causal block's attention
+mass -- XAttention's antidiagonal sums or MInference's vertical-slash pattern -- then a
+threshold (or a fixed density) per query block. Plain PyTorch (a few matrix products and one
+sort per layer); runs on any device.
 
-Estimate: with stride ``s``, super-token ``r`` of the queries is the concatenation of
+Antidiagonal (``antidiagonal_block_scores``): with stride ``s``, super-token ``r`` of the queries is the concatenation of
 ``q[r*s + s-1], q[r*s + s-2], .., q[r*s]`` and super-token ``c`` of the keys that of
 ``k[c*s], .., k[c*s + s-1]``, so ``Q' K'^T [r, c]`` sums the scores of one antidiagonal of the
 ``s x s`` sub-block (r, c): every query row and every key column of it appear once. A causal
 softmax over super-tokens (scale ``1/(sqrt(D) s)``: the mean score of the antidiagonal) summed
 into ``block_size`` blocks estimates each block's attention mass at ``N^2 D / s`` cost.
-Scores are summed over the query heads of a KV head: a block list is shared by the group, so
-the kernel stays GQA-native (one list per KV head).
+Vertical-slash (``vertical_slash_block_scores``): the last queries' attention, as column and
+diagonal masses spread over the blocks they cross, at ``64 N D`` cost.
+Either way scores are summed over the query heads of a KV head: a block list is shared by the
+group, so the kernel stays GQA-native (one list per KV head).
 """
 
 from __future__ import annotations
@@ -65,6 +68,65 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: i
             out[h, r0 // per_block:r1 // per_block, :r1 // per_block] = \
                 mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     return out
+
+
+def vertical_slash_block_scores(q: torch.Tensor, k: torch.Tensor, *, block_size: int,
+                                last_queries: int = 64, scale: float | None = None
+                                ) -> torch.Tensor:
+    """MInference's vertical-slash estimate as block scores: q ``[N, Hq, D]``, k ``[N, Hkv, D]``
+    -> ``[Hkv, Qb, Qb]`` fp32, causal, each row summing to 1.
+
+    The attention of the last ``last_queries`` queries (the group's heads summed) gives each key
+    column's mass (vertical) and each diagonal offset ``i - j``'s mass (slash). A block
+    ``(qb, kb)`` scores the vertical mass of its ``block_size`` columns plus the slash mass of
+    the diagonals that cross it, each weighted by the share of the block's rows it crosses
+    (``1 - |o - t B| / B`` for block diagonal ``t = qb - kb``): the pattern the last queries
+    show, assumed for every row. Cost: one ``last_queries x N`` product per KV head."""
+    n, num_heads_q, head_dim = q.shape
+    num_heads_kv = k.shape[1]
+    group = num_heads_q // num_heads_kv
+    num_blocks = -(-n // block_size)
+    padded = num_blocks * block_size
+    last = min(last_queries, n)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    rows = torch.arange(n - last, n, device=q.device)
+    keys = torch.arange(n, device=q.device)
+    hidden = keys[None, :] > rows[:, None]  # [L, N]: keys after the query
+    offsets = (rows[:, None] - keys[None, :]).clamp_min(0)  # [L, N] diagonal i - j
+    # Triangle weights of the offsets -B+1 .. B-1 around each block diagonal t * B.
+    x = torch.arange(-block_size + 1, block_size, device=q.device, dtype=torch.float32)
+    tri = (1.0 - x.abs() / block_size).view(1, 1, -1)
+    qb = torch.arange(num_blocks, device=q.device)
+    diag = (qb[:, None] - qb[None, :])  # [Qb, Kb] block diagonal t = qb - kb
+    causal = diag >= 0
+    out = torch.empty(num_heads_kv, num_blocks, num_blocks, dtype=torch.float32,
+                      device=q.device)
+    q_last = q[n - last:] * scale
+    for h in range(num_heads_kv):
+        s = torch.einsum("lgd,kd->glk", q_last[:, h * group:(h + 1) * group], k[:, h])
+        p = torch.softmax(s.masked_fill(hidden, -float("inf")), dim=-1,
+                          dtype=torch.float32).sum(0)  # [L, N]
+        vertical = torch.nn.functional.pad(p.sum(0), (0, padded - n))
+        vertical = vertical.view(num_blocks, block_size).sum(-1)  # [Kb]
+        slash = torch.zeros(padded + block_size, device=q.device).index_add_(
+            0, offsets.reshape(-1), p.masked_fill(hidden, 0.0).reshape(-1))
+        # Per block diagonal t: the slash mass within B of t * B, triangle-weighted.
+        slash = torch.nn.functional.pad(slash, (block_size - 1, 0)).view(1, 1, -1)
+        per_diag = torch.nn.functional.conv1d(slash, tri, stride=block_size).view(-1)
+        score = vertical[None, :] + per_diag[diag.clamp_min(0)]
+        score = score.masked_fill(~causal, 0.0)
+        out[h] = score / score.sum(-1, keepdim=True).clamp_min(1e-30)
+    return out
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, params: DynamicSparseParams,
+                 scale: float | None = None) -> torch.Tensor:
+    """The block estimate ``params.method`` names (``[Hkv, Qb, Qb]``, rows summing to 1)."""
+    if params.method == "vertical_slash":
+        return vertical_slash_block_scores(q, k, block_size=params.block_size,
+                                           last_queries=params.last_queries, scale=scale)
+    return antidiagonal_block_scores(q, k, block_size=params.block_size, stride=params.stride,
+                                     scale=scale)
 
 
 def select_blocks(scores: torch.Tensor, params: DynamicSparseParams

@@ -19,11 +19,13 @@ from disagg_kernels.dynamic_sparse import (
     DynamicSparseParams,
     antidiagonal_block_scores,
     block_mask,
+    block_scores,
     block_sparse_attention_reference,
     blocks_from_mask,
     dynamic_sparse_attention,
     kept_fraction,
     select_blocks,
+    vertical_slash_block_scores,
 )
 from disagg_kernels.triangle_mix import dense_causal_reference, masked_attention_reference
 
@@ -155,6 +157,68 @@ def test_estimate_is_the_same_in_row_chunks(monkeypatch, n, stride):
     chunked = antidiagonal_block_scores(q, k, block_size=BS, stride=stride)
     assert torch.allclose(chunked, whole, atol=1e-6)
     assert torch.allclose(chunked.sum(-1), torch.ones_like(chunked[..., 0]), atol=1e-5)
+
+
+def test_vertical_slash_scores_follow_their_definition():
+    """Against the definition written out loop by loop: the last queries' attention (group
+    heads summed); a block scores its columns' mass plus every diagonal's mass weighted by the
+    share of the block's rows it crosses; rows normalized."""
+    n, hq, hkv, d, last = 100, 4, 2, 16, 8
+    q, k, _ = _qkv(n, hq, hkv, d, seed=9)
+    ours = vertical_slash_block_scores(q, k, block_size=BS, last_queries=last)
+    nb, group = math.ceil(n / BS), hq // hkv
+    for h in range(hkv):
+        rows = range(n - last, n)
+        p = torch.zeros(last, n)
+        for g in range(group):
+            s = q[n - last:, h * group + g] @ k[:, h].T / math.sqrt(d)
+            s = s.masked_fill(torch.arange(n)[None, :] > torch.arange(n - last, n)[:, None],
+                              -float("inf"))
+            p += torch.softmax(s, -1)
+        want = torch.zeros(nb, nb)
+        for qb in range(nb):
+            for kb in range(qb + 1):
+                score = float(p[:, kb * BS:(kb + 1) * BS].sum())
+                for li, i in enumerate(rows):
+                    for j in range(i + 1):
+                        share = 1 - abs((i - j) - (qb - kb) * BS) / BS
+                        score += float(p[li, j]) * max(0.0, share)
+                want[qb, kb] = score
+        assert torch.allclose(ours[h], want / want.sum(-1, keepdim=True), atol=1e-5)
+
+
+def test_vertical_slash_ranks_a_planted_column_and_diagonal_first():
+    """Keys that every query attends to (a column), or keys at a fixed offset from each query (a
+    diagonal), make the blocks they fall in the best of each row: the patterns the estimate
+    exists to find."""
+    n, d = 256, 16
+    g = torch.Generator().manual_seed(10)
+    q, k = torch.randn(n, 1, d, generator=g) * 0.1, torch.randn(n, 1, d, generator=g) * 0.1
+    column = k.clone()
+    column[40:44, 0] = q[:, 0].sum(0) * 10  # keys 40-43 (block 1) match every query
+    scores = vertical_slash_block_scores(q, column, block_size=BS, last_queries=32)
+    rows = torch.arange(2, n // BS)
+    assert (scores[0, rows].argmax(-1) == 1).all()
+    offset = 2 * BS + 8  # query i matches key i - 72: block diagonal 2 (and 3 for early rows)
+    diagonal = k.clone()
+    diagonal[:n - offset, 0] = q[offset:, 0] * 40
+    scores = vertical_slash_block_scores(q, diagonal, block_size=BS, last_queries=32)
+    rows = torch.arange(4, n // BS)
+    best = scores[0, rows].argmax(-1)
+    assert ((best == rows - 2) | (best == rows - 3)).all()
+
+
+def test_the_method_picks_the_estimate():
+    q, k, _ = _qkv(150, 4, 2, 16, seed=11)
+    vs = DynamicSparseParams(block_size=BS, method="vertical_slash", last_queries=16)
+    assert torch.equal(block_scores(q, k, vs),
+                       vertical_slash_block_scores(q, k, block_size=BS, last_queries=16))
+    ad = DynamicSparseParams(block_size=BS, stride=8)
+    assert torch.equal(block_scores(q, k, ad),
+                       antidiagonal_block_scores(q, k, block_size=BS, stride=8))
+    assert "vertical_slash=16" in vs.tag and "stride=8" in ad.tag
+    with pytest.raises(ValueError, match="method"):
+        DynamicSparseParams(method="diagonal")
 
 
 def test_estimate_rows_sum_to_one_and_are_causal():
