@@ -47,7 +47,7 @@ def h200_cluster(num_prefill: int, num_decode: int, sp: int = 1, link: str = "nv
 
 def h200_calibration() -> costs.Calibration:
     """Component costs plus the served path's share measured at concurrency 1 on the H200
-    (``serve_1gpu_isolated.json``: +41 ms per prefill, ~30 ms outside it)."""
+    (``serve_1gpu_isolated.json``: at ac6a22f no extra time inside prefill, ~26 ms outside)."""
     isolated = RESULTS_DIR / "serve_1gpu_isolated.json"
     cal = costs.h200_llama8b()
     if not isolated.exists():
