@@ -331,7 +331,11 @@ def run_ttft(args, device) -> None:
     from disagg.prefill.engine import PrefillEngine
 
     measured = None
-    if args.density_json and args.density_json.exists():
+    if args.density_json is None:
+        args.density_json = RESULTS_DIR / ("dynamic_sparse_density.json"
+                                           if args.method == "antidiagonal"
+                                           else "dynamic_sparse_density_vs.json")
+    if args.density_json.exists():
         measured = json.loads(args.density_json.read_text())["density"]
     densities = ([round(measured, 4)] if measured else []) + list(args.densities)
     source = ModelSource(name="random:llama-3.1-8b", random_config="llama-3.1-8b")
@@ -375,9 +379,11 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="synthetic tasks used "
                         "(natural text is always added)")
     parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--method", choices=list(METHODS), default="antidiagonal",
+    parser.add_argument("--method", choices=list(METHODS), default=DynamicSparseParams().method,
                         help="ttft / tiles / density: the block estimate")
-    parser.add_argument("--density-json", type=Path, default=RESULTS_DIR / "dynamic_sparse_density.json")
+    parser.add_argument("--density-json", type=Path, default=None, help="ttft: the measured "
+                        "density (default: dynamic_sparse_density.json for antidiagonal, "
+                        "dynamic_sparse_density_vs.json for vertical_slash)")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.35, 0.5])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--density", type=float, default=None, help="tiles: the density timed "

@@ -25,8 +25,8 @@ CONFIGS = {
     "dense": None,
     "trianglemix": TriangleMixConfig((1, 3), SMALL),
     "trianglemix+dynamic": TriangleMixConfig(
-        (1, 3), SMALL, dynamic=DynamicSparseParams(block_size=16, stride=4, threshold=0.5,
-                                                   min_tokens=32)),
+        (1, 3), SMALL, dynamic=DynamicSparseParams(block_size=16, last_queries=16,
+                                                   threshold=0.5, min_tokens=32)),
 }
 
 
@@ -162,7 +162,7 @@ def test_dynamic_sparsity_is_opt_in_and_composes_per_layer():
     assert [mixed.kind(i, 64).value for i in range(4)] == ["dynamic", "triangle", "dynamic",
                                                            "triangle"]
     assert mixed.kind(0, 31).value == "dense"  # below min_tokens the dense layers stay dense
-    assert "dynamic(block=16,stride=4,threshold=0.5)" in mixed.tag
+    assert "dynamic(block=16,vertical_slash=16,threshold=0.5)" in mixed.tag
 
 
 def _row(task, length, layers, dense, tm, metric="accuracy"):

@@ -28,7 +28,10 @@ class DynamicSparseParams:
     threshold: float = 0.9  # estimated attention mass each query block keeps (threshold mode)
     density: float | None = None  # set: keep this fraction of each row's causal blocks instead
     min_tokens: int = 4096  # shorter prompts run dense (the estimate costs more than it saves)
-    method: str = "antidiagonal"  # the block estimate: "antidiagonal" | "vertical_slash"
+    # The block estimate: "vertical_slash" | "antidiagonal". Vertical-slash by measurement
+    # (SmolLM2, 8K, equal density: +1.6 to +2.0 points of recall at 21-39% density, and one
+    # 64 x N product per KV head against the antidiagonal's (N/16)^2 / 2).
+    method: str = "vertical_slash"
     last_queries: int = 64  # vertical_slash: the queries whose attention gives the pattern
 
     def __post_init__(self) -> None:

@@ -213,7 +213,7 @@ def test_the_method_picks_the_estimate():
     vs = DynamicSparseParams(block_size=BS, method="vertical_slash", last_queries=16)
     assert torch.equal(block_scores(q, k, vs),
                        vertical_slash_block_scores(q, k, block_size=BS, last_queries=16))
-    ad = DynamicSparseParams(block_size=BS, stride=8)
+    ad = DynamicSparseParams(block_size=BS, stride=8, method="antidiagonal")
     assert torch.equal(block_scores(q, k, ad),
                        antidiagonal_block_scores(q, k, block_size=BS, stride=8))
     assert "vertical_slash=16" in vs.tag and "stride=8" in ad.tag

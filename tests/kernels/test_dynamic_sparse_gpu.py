@@ -13,6 +13,7 @@ from disagg_kernels.dynamic_sparse import (
     blocks_from_mask,
     dynamic_sparse_attention,
     select_blocks,
+    vertical_slash_block_scores,
 )
 
 pytestmark = [
@@ -64,13 +65,15 @@ def test_every_block_kept_is_sdpa():
     assert _rel_rms(_launch(q, k, v, idx, cnt, 128), dense) <= REL_RMS
 
 
-def test_dynamic_selection_end_to_end():
+@pytest.mark.parametrize("method", ["antidiagonal", "vertical_slash"])
+def test_dynamic_selection_end_to_end(method):
     q, k, v = _qkv(8192, 9, 3, 64, seed=2)
-    params = DynamicSparseParams(density=0.3)
+    params = DynamicSparseParams(density=0.3, method=method)
     out, cnt = dynamic_sparse_attention(q, k, v, params=params)
     # The same selection, recomputed, then the reference over it.
-    idx_ref, cnt_ref = select_blocks(antidiagonal_block_scores(q, k, block_size=128, stride=16),
-                                     params)
+    scores = antidiagonal_block_scores(q, k, block_size=128, stride=16) \
+        if method == "antidiagonal" else vertical_slash_block_scores(q, k, block_size=128)
+    idx_ref, cnt_ref = select_blocks(scores, params)
     assert torch.equal(cnt, cnt_ref)
     ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), idx_ref, cnt_ref,
                                            block_size=128)
