@@ -46,7 +46,9 @@ def _attend_tile(q, k_tile, v_tile, k_offs, v_offs, acc, m_i, l_i, qk_scale, row
     return acc, m_new, l_i
 
 
-@triton.jit
+# Lengths and list widths are not specialized on (a 128K prompt reuses the build of a short
+# one: no compilation inside a long request).
+@triton.jit(do_not_specialize=["num_tokens", "num_q_blocks", "max_blocks"])
 def _block_sparse_fwd(
     Q, K, V, Out, BlockIdx, BlockCount,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
