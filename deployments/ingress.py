@@ -21,7 +21,6 @@ Life of a request here:
 import asyncio
 import contextlib
 import hmac
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.admission import Planner, Ticket, prefill_deployment
 from deployments.config import AppConfig
 from deployments.failures import REPLICA_GONE
-from deployments.messages import WARMUP_PREFIX, StreamItem
+from deployments.messages import StreamItem
 from deployments.metrics import Metrics
 from deployments.runtime import load_replica_model
 from disagg.errors import DisaggError, InvalidRequestError
@@ -59,13 +58,10 @@ from disagg.openai.protocol import (
 from disagg.openai.responses import SSE_DONE, ResponseBuilder, sse
 from disagg.output import OutputProcessor
 from disagg.request import EngineRequest
-from disagg.routing import LOCAL
-from disagg.sampling import SamplingParams
 
 app = FastAPI(title="disagg", docs_url=None, redoc_url=None)
 PATH_HEADER = "x-disagg-path"
 _TOKEN_ID_BYTES = 8  # generous bytes per token id in a JSON list ("123456, ")
-logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
 
 
 def error_response(error: APIError, path: str | None = None) -> JSONResponse:
@@ -165,23 +161,6 @@ class OpenAIIngress:
         app_name = serve.get_replica_context().app_name
         for pool in config.pools:
             await serve.get_deployment_handle(prefill_deployment(pool), app_name).stats.remote()
-        await self._warm_up()
-
-    async def _warm_up(self) -> None:
-        """One 4-token request through the decode deployment's streaming ``generate`` before
-        this replica is ready, so that the handle's first streaming call and decode's first
-        ``generate`` are not paid by the first client. Best effort: a failure is logged."""
-        request = EngineRequest(f"{WARMUP_PREFIX}ingress", (1, 2, 3, 4),
-                                SamplingParams(temperature=0.0), 2, 0)
-
-        async def drain() -> None:
-            async for _ in self._decode.options(stream=True).generate.remote(request, LOCAL):
-                pass
-
-        try:
-            await asyncio.wait_for(drain(), self._config.routing.request_timeout_s)
-        except Exception as e:  # noqa: BLE001 (serving does not depend on it)
-            logger.warning("OpenAIIngress: warm-up request through decode failed: %r", e)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
