@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -38,7 +39,7 @@ def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_token
                        "temperature": 0, "ignore_eos": True, "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
     times = []
-    t0 = time.perf_counter()
+    t0, t0_wall, t_token0_wall = time.perf_counter(), time.time(), None
     with client.stream("POST", f"{url}/v1/completions", content=body, timeout=600,
                        headers={"content-type": "application/json"}) as r:
         r.raise_for_status()
@@ -48,9 +49,25 @@ def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_token
             chunk = json.loads(line[6:])
             if chunk["choices"]:
                 times.append(time.perf_counter())
+                t_token0_wall = t_token0_wall or time.time()
             elif timing is not None and chunk.get("usage"):
-                timing.append(chunk["usage"].get("disagg_timing"))
+                server = chunk["usage"].get("disagg_timing") or {}
+                server.setdefault("marks", {}).update(client_sent=t0_wall,
+                                                      client_token0=t_token0_wall)
+                timing.append(server)
     return times[0] - t0, times
+
+
+# The path of token 0, in order: each hop's ms is the next mark minus this one.
+HOPS = ("client_sent", "ingress_received", "decode_received", "decode_reserved",
+        "prefill_received", "prefill_started", "prefill_token0", "decode_token0",
+        "ingress_token0", "client_token0")
+
+
+def hops_ms(marks: dict) -> dict[str, float]:
+    """Milliseconds from each mark of ``HOPS`` to the next one present."""
+    present = [h for h in HOPS if marks.get(h) is not None]
+    return {f"{a}->{b}": (marks[b] - marks[a]) * 1e3 for a, b in pairwise(present)}
 
 
 def main() -> None:
@@ -104,11 +121,15 @@ def main() -> None:
            "engine_itl_ms": engine_itl_ms, "http_tpot_ms": statistics.median(tpot) * 1e3,
            "first_long_ttft_s": long_ttft[0], "second_long_ttft_s": long_ttft[1],
            "third_long_ttft_s": long_ttft[2], "long_disagg_timing": long_timing,
+           "long_hops_ms": [hops_ms(t.get("marks", {})) for t in long_timing],
            "long_tokens": args.long, "requests": args.requests}
     row["tpot_over_itl_ms"] = row["http_tpot_ms"] - row["engine_itl_ms"]
     write_results("served_decode", [row], commit=args.commit, dirty=args.dirty, out=args.out)
     print_table([row], ["engine_itl_ms", "http_tpot_ms", "tpot_over_itl_ms", "first_long_ttft_s",
                         "second_long_ttft_s"])
+    for hop in row["long_hops_ms"][0]:  # where the first long request's time went
+        print(f"{hop:36s}" + "".join(f"{h.get(hop, float('nan')):10.2f}"
+                                     for h in row["long_hops_ms"]))
 
 
 if __name__ == "__main__":

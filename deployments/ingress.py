@@ -281,17 +281,21 @@ class OpenAIIngress:
                      t_start: float, builder: ResponseBuilder, ticket: Ticket | None = None,
                      deadline: float | None = None) -> AsyncIterator[tuple]:
         """(delta, error) pairs of the request; cancels the decode stream on an early exit."""
-        item, status, t_first = first, "200", None
+        item, status, t_first, t_first_wall = first, "200", None, 0.0
         try:
             while True:
                 if item.error is not None:
                     status = str(item.error.status)
+                if item.token is not None and t_first is None:
+                    t_first, t_first_wall = time.perf_counter(), time.time()
+                    self._metrics.ttft.observe(t_first - t_start)
                 if item.timing is not None:
                     builder.timing = item.timing
+                    if t_first is not None:  # the ingress's own hops join decode's marks
+                        builder.timing.setdefault("marks", {}).update(
+                            ingress_received=t_first_wall - (t_first - t_start),
+                            ingress_token0=t_first_wall)
                 delta = processor.push(item.token, item.finish_reason if item.finished else None)
-                if item.token is not None and t_first is None:
-                    t_first = time.perf_counter()
-                    self._metrics.ttft.observe(t_first - t_start)
                 yield delta, item.error
                 if processor.finished:
                     return

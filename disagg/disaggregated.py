@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from disagg.decode.request import TokenOutput
@@ -52,6 +52,9 @@ class FirstToken:
     finish_reason: str | None  # "stop" / "length" when token 0 ends the request
     queue_s: float  # waiting for the prefill worker
     prefill_s: float  # the forward, until token 0 was sampled
+    # Wall-clock times (``time.time()``) on the prefill side: "prefill_received" (the call
+    # arrived), "prefill_started" (the worker took it), "prefill_token0" (token 0 sent).
+    marks: dict[str, float] = field(default_factory=dict)
 
 
 PrefillEvent = FirstToken | KVCompletion
@@ -97,6 +100,11 @@ class HandoffTiming:
     backend: str | None = None
     kv_bytes: int = 0
     kv_recomputed: bool = False  # preempted after arrival: decode recomputed the KV densely
+    # Wall-clock times (``time.time()``, one clock per node) of the hops to token 0: prefill's
+    # marks (``FirstToken.marks``), "decode_received" (this request reached decode),
+    # "decode_reserved" (its blocks), "decode_token0" (token 0 back at decode); the ingress
+    # adds its own. Where a first request's extra time goes shows here.
+    marks: dict[str, float] = field(default_factory=dict)
 
     @property
     def kv_gbps(self) -> float | None:
@@ -108,7 +116,7 @@ class HandoffTiming:
         return {"queue_s": self.queue_s, "prefill_s": self.prefill_s,
                 "transfer_s": self.transfer_s, "first_decode_s": self.first_decode_s,
                 "kv_backend": self.backend, "kv_bytes": self.kv_bytes, "kv_gbps": self.kv_gbps,
-                "kv_recomputed": self.kv_recomputed}
+                "kv_recomputed": self.kv_recomputed, "marks": dict(self.marks)}
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
     """Tokens of ``request``, token 0 (from prefill) first; ``timing`` is filled as it goes."""
     rid = request.request_id
     t0 = time.perf_counter()
+    timing.marks["decode_received"] = time.time()
     events: _PrefillStream | None = None
     first: FirstToken | None = None
     pending: asyncio.Future | None = None  # the completion record, awaited shielded
@@ -139,6 +148,7 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
     try:
         offers = await decode.reserve(request)
         reserved_s = time.perf_counter() - t0
+        timing.marks["decode_reserved"] = time.time()
         events = _PrefillStream(prefill.prefill(request, offers))
         try:
             first = await asyncio.wait_for(events.next(), config.first_token_timeout_s)
@@ -148,6 +158,7 @@ async def serve_disaggregated(request: EngineRequest, prefill: PrefillClient,
         if not isinstance(first, FirstToken):
             raise KVTransferError(f"prefill of {rid!r} sent {type(first).__name__} first")
         timing.queue_s, timing.prefill_s = reserved_s + first.queue_s, first.prefill_s
+        timing.marks.update(first.marks, decode_token0=time.time())
         t_token0 = time.perf_counter()
         yield TokenOutput(rid, first.token, first.finish_reason is not None,
                           first.finish_reason)

@@ -32,9 +32,11 @@ async def run_prefill(engine: PrefillEngine, request: EngineRequest,
                       eos_token_ids: tuple[int, ...]) -> AsyncIterator[PrefillEvent]:
     cancelled = threading.Event()
     t_submit = time.perf_counter()
+    marks = {"prefill_received": time.time()}
 
     def work():
         t_start = time.perf_counter()
+        marks["prefill_started"] = time.time()
         if cancelled.is_set():
             raise asyncio.CancelledError()
         writer = engine.open_writer(offers)
@@ -49,7 +51,8 @@ async def run_prefill(engine: PrefillEngine, request: EngineRequest,
     try:
         writer, result, t_start = await asyncio.wrap_future(future)
         reason = first_token_finish_reason(request, result.first_token.token_id, eos_token_ids)
-        yield FirstToken(result.first_token, reason, t_start - t_submit, result.prefill_s)
+        marks["prefill_token0"] = time.time()
+        yield FirstToken(result.first_token, reason, t_start - t_submit, result.prefill_s, marks)
         if reason is not None:
             writer.abort()
             return

@@ -103,6 +103,17 @@ def test_token_0_arrives_while_the_kv_transfer_is_in_flight(handoff_app):
     assert timing["kv_backend"] == "object_store"
     assert timing["kv_bytes"] == len(PROMPT) * 2 * 4 * 2 * 16 * 4  # K+V, 4 layers, 2x16 fp32
     assert timing["transfer_s"] >= FINISH_DELAY_S * 0.9  # the wait the writer imposed
+    # Token 0's path, hop by hop, on the wall clock of this one machine: in order, and the
+    # prefill worker's share is the queue and prefill the breakdown reports.
+    marks = timing["marks"]
+    path = ["ingress_received", "decode_received", "decode_reserved", "prefill_received",
+            "prefill_started", "prefill_token0", "decode_token0", "ingress_token0"]
+    times = [marks[m] for m in path]
+    assert times == sorted(times), marks
+    prefill_worker_s = marks["prefill_token0"] - marks["prefill_received"]
+    assert prefill_worker_s >= timing["prefill_s"]
+    assert marks["ingress_token0"] - marks["ingress_received"] >= \
+        timing["queue_s"] + timing["prefill_s"]
     wait_for_baseline()
 
 
