@@ -1,10 +1,11 @@
-"""Dynamic block-sparse prefill attention (XAttention-style) for the dense layers of TriangleMix.
+"""Dynamic block-sparse prefill attention for the dense layers of TriangleMix.
 
-Per layer: estimate every causal block's attention mass (``selection.block_scores``:
-antidiagonal sums or the vertical-slash pattern, ``DynamicSparseParams.method``), keep per KV head and query block the blocks that
-carry ``threshold`` of it, or a fixed ``density`` (``selection.select_blocks``), then run
-causal attention over those blocks only (Triton kernel on CUDA, the PyTorch reference
-elsewhere). The diagonal block and the sink block are always kept.
+Per layer: estimate every causal block's attention mass (``selection.block_scores``: the
+vertical-slash pattern or antidiagonal sums, ``DynamicSparseParams.method``), keep per KV head
+and query block the blocks that carry ``threshold`` of it, or a fixed ``density``
+(``selection.select_blocks``), then run causal attention over those blocks only (Triton kernel
+on CUDA, the PyTorch reference elsewhere). The diagonal block and the sink block are always
+kept.
 """
 
 from __future__ import annotations

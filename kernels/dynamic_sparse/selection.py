@@ -3,12 +3,13 @@ mass -- XAttention's antidiagonal sums or MInference's vertical-slash pattern --
 threshold (or a fixed density) per query block. Plain PyTorch (a few matrix products and one
 sort per layer); runs on any device.
 
-Antidiagonal (``antidiagonal_block_scores``): with stride ``s``, super-token ``r`` of the queries is the concatenation of
-``q[r*s + s-1], q[r*s + s-2], .., q[r*s]`` and super-token ``c`` of the keys that of
-``k[c*s], .., k[c*s + s-1]``, so ``Q' K'^T [r, c]`` sums the scores of one antidiagonal of the
-``s x s`` sub-block (r, c): every query row and every key column of it appear once. A causal
-softmax over super-tokens (scale ``1/(sqrt(D) s)``: the mean score of the antidiagonal) summed
-into ``block_size`` blocks estimates each block's attention mass at ``N^2 D / s`` cost.
+Antidiagonal (``antidiagonal_block_scores``): with stride ``s``, super-token ``r`` of the
+queries is the concatenation of ``q[r*s + s-1], q[r*s + s-2], .., q[r*s]`` and super-token
+``c`` of the keys that of ``k[c*s], .., k[c*s + s-1]``, so ``Q' K'^T [r, c]`` sums the scores
+of one antidiagonal of the ``s x s`` sub-block (r, c): every query row and every key column
+of it appear once. A causal softmax over super-tokens (scale ``1/(sqrt(D) s)``: the mean score
+of the antidiagonal) summed into ``block_size`` blocks estimates each block's attention mass
+at ``N^2 D / (2 s)`` cost (row chunks skip the upper triangle).
 Vertical-slash (``vertical_slash_block_scores``): the last queries' attention, as column and
 diagonal masses spread over the blocks they cross, at ``64 N D`` cost.
 Either way scores are summed over the query heads of a KV head: a block list is shared by the
