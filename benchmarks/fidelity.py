@@ -83,6 +83,7 @@ def summarize(rows: list[dict], threshold: float = 20.0, max_loss: float = 1.0) 
     ``threshold`` (the judged length), and there per layer set the delta and whether it loses at
     most ``max_loss`` points; plus which layer set scores higher summed over judged cells."""
     out, totals = {}, {}
+    rows = [r for r in rows if r.get("source", "engine") == "engine"]  # served rows: a check
     for task in sorted({r["task"] for r in rows if r["metric"] == "accuracy"}):
         cells = [r for r in rows if r["task"] == task and r["metric"] == "accuracy"]
         above = [r["context_tokens"] for r in cells if r["dense_score"] > threshold]

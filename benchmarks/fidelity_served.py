@@ -5,6 +5,7 @@
     (relaunch with trianglemix.enabled: true)
     python -m benchmarks.fidelity_served --label trianglemix --url http://127.0.0.1:8000
     python -m benchmarks.fidelity_served --combine     # rows with source "served" + agreement
+    python -m benchmarks.fidelity_served --merge       # those rows into results/fidelity.json
 
 The same prompts as ``benchmarks.fidelity`` (same generator, seed, lengths), sent as token ids
 to ``/v1/completions`` (greedy, ``max_tokens`` = the answer's length); a sample is correct iff
@@ -12,7 +13,9 @@ the completion starts with the reference answer. ``routing.mode: remote`` makes 
 take the prefill server (the path TriangleMix runs on; decode's local prefill is dense).
 ``--combine`` scores the same samples in-process (``disagg.fidelity.scoring``, teacher-forced,
 on this machine) and writes both, with the per-sample agreement, to
-``benchmarks/results/fidelity_served.json``.
+``benchmarks/results/fidelity_served.json``. ``--merge`` puts its served rows into
+``fidelity.json`` (the issue's one results file; ``layers`` = the shipped default set, and each
+row names its ``device``), replacing served rows merged before.
 """
 
 from __future__ import annotations
@@ -85,11 +88,24 @@ def run_combine(args, tokenizer, source) -> None:
     print(json.dumps(agreement))
 
 
+def merge(served_path: Path, fidelity_path: Path) -> int:
+    """Copy the served rows of ``served_path`` into ``fidelity_path``; returns how many."""
+    served = json.loads(served_path.read_text())
+    fidelity = json.loads(fidelity_path.read_text())
+    rows = [{**r, "layers": fidelity["default_layers"], "device": served["device"],
+             "commit": served["commit"]} for r in served["rows"] if r["source"] == "served"]
+    fidelity["rows"] = [r for r in fidelity["rows"] if r.get("source") != "served"] + rows
+    fidelity["served_rows_from"] = served_path.name
+    fidelity_path.write_text(json.dumps(fidelity, indent=2) + "\n")
+    return len(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--label", choices=["dense", "trianglemix"], default=None)
     parser.add_argument("--combine", action="store_true")
+    parser.add_argument("--merge", action="store_true", help="served rows into fidelity.json")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=4)
@@ -97,6 +113,10 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=None)
     add_provenance_args(parser)
     args = parser.parse_args()
+    if args.merge:
+        n = merge(args.out or RESULTS_DIR / "fidelity_served.json", RESULTS_DIR / "fidelity.json")
+        print(f"{n} served rows merged into {RESULTS_DIR / 'fidelity.json'}")
+        return
     from disagg.cli import default_cache_dir
 
     source = resolve_model(args.model, cache_dir=args.cache_dir or default_cache_dir())
@@ -106,7 +126,7 @@ def main() -> None:
     elif args.label:
         run_served(args, tokenizer)
     else:
-        parser.error("give --label or --combine")
+        parser.error("give --label, --combine or --merge")
 
 
 if __name__ == "__main__":

@@ -183,7 +183,9 @@ def test_summary_judges_at_the_longest_length_where_dense_scores_above_20(tmp_pa
             _row("kv_retrieval", 8192, "deep_half", 10.0, 0.0),
             _row("niah_multikey", 2048, "probed", 20.0, 20.0),
             _row("niah_multikey", 2048, "deep_half", 20.0, 20.0),
-            _row("nll_python_stdlib", 8192, "probed", 1.3, 1.31, metric="nll")]
+            _row("nll_python_stdlib", 8192, "probed", 1.3, 1.31, metric="nll"),
+            # a served check at a longer length: never the judged cell
+            {**_row("niah_single", 16384, "deep_half", 90.0, 90.0), "source": "served"}]
     summary = summarize(rows)["tasks"]
     assert summary["niah_single"]["judged_length"] == 8192
     assert summary["niah_single"]["probed"]["within_target"] is True
@@ -194,3 +196,21 @@ def test_summary_judges_at_the_longest_length_where_dense_scores_above_20(tmp_pa
     path = tmp_path / "fidelity.json"
     path.write_text(json.dumps({"device": "cpu", "commit": "abc1234", "rows": rows}))
     assert plot(path).stat().st_size > 0
+
+
+def test_served_rows_merge_into_the_results_file_under_the_default_set(tmp_path):
+    from benchmarks.fidelity_served import merge
+
+    served = tmp_path / "fidelity_served.json"
+    fidelity = tmp_path / "fidelity.json"
+    served.write_text(json.dumps({"device": "cpu", "commit": "abc", "rows": [
+        {**_row("niah_single", 2048, "default", 100.0, 100.0), "source": "served"},
+        {**_row("niah_single", 2048, "default", 100.0, 100.0), "source": "engine"}]}))
+    fidelity.write_text(json.dumps({"default_layers": "deep_half", "rows": [
+        _row("niah_single", 8192, "deep_half", 90.0, 89.0),
+        {**_row("niah_single", 2048, "deep_half", 1.0, 1.0), "source": "served"}]}))
+    assert merge(served, fidelity) == 1
+    rows = json.loads(fidelity.read_text())["rows"]
+    assert [(r["source"], r["layers"], r["dense_score"]) for r in rows] == [
+        ("engine", "deep_half", 90.0), ("served", "deep_half", 100.0)]
+    assert rows[-1]["device"] == "cpu" and rows[-1]["commit"] == "abc"
