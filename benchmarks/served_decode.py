@@ -5,7 +5,8 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
 1. Engine alone, before Ray starts: the decode step at batch 1 and the TPOT context
    (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
 2. The Serve app: right after it is ready, three ``--long`` prompts one after the other (TTFT
-   and the server's breakdown of each: the first must pay no compilation), then
+   and the server's breakdown of each, with token 0's hops from the breakdown's wall-clock
+   marks and the client's own: the first must pay no compilation), then
    ``--requests`` streamed requests one at a time with ``--context`` prompt tokens and
    ``--max-tokens`` generated: TPOT = (last chunk - first chunk) / (tokens - 1), median.
 

@@ -52,8 +52,9 @@ class FirstToken:
     finish_reason: str | None  # "stop" / "length" when token 0 ends the request
     queue_s: float  # waiting for the prefill worker
     prefill_s: float  # the forward, until token 0 was sampled
-    # Wall-clock times (``time.time()``) on the prefill side: "prefill_received" (the call
-    # arrived), "prefill_started" (the worker took it), "prefill_token0" (token 0 sent).
+    # Wall-clock times (``time.time()``) on the prefill side: "prefill_received" (queued for
+    # the worker, once the replica has read the offers and checked its capacity),
+    # "prefill_started" (the worker took it), "prefill_token0" (token 0 sent).
     marks: dict[str, float] = field(default_factory=dict)
 
 
