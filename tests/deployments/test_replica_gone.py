@@ -95,11 +95,12 @@ async def _tokens(server: DecodeServer, request_id: str, path: str) -> list[int]
 def test_disaggregated_request_is_prefilled_here_when_prefill_is_gone(error):
     async def run():
         prefill = FakeGonePrefillHandle(error)
-        server = await _server(prefill)
+        server = await _server(prefill)  # ready although its start-up request failed
         try:
+            assert prefill.prefill.calls == 1  # the start-up request through prefill
             baseline: DecodeStats = await server.stats()
             fallback = await _tokens(server, "r-fallback", DISAGGREGATED)
-            assert prefill.prefill.calls == 1  # it did try prefill first
+            assert prefill.prefill.calls == 2  # it did try prefill first
             local = await _tokens(server, "r-local", LOCAL)
             assert fallback == local  # greedy: the same tokens as the local path
             after = await server.stats()
