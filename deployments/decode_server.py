@@ -148,14 +148,11 @@ class DecodeServer:
         prefill = ServePrefillClient(self._pools[pool], self._ipc_export)
         t0 = time.perf_counter()
 
-        async def run() -> str | None:
-            reason = None
+        async def run() -> None:
             async for out in serve_disaggregated(request, prefill, self._engine,
                                                  HandoffTiming(), self._handoff):
                 if out.error is not None:
                     raise out.error
-                reason = out.finish_reason
-            return reason
 
         try:
             await asyncio.wait_for(run(), self._settings.remote_kv_timeout_s)

@@ -42,10 +42,10 @@ def pick_config(device: torch.device, block_size: int, dtype: torch.dtype) -> Ti
         cfg = _FP32
     else:
         cfg = _HOPPER
-    return clip(cfg, block_size)
+    return _clip(cfg, block_size)
 
 
-def clip(cfg: TileConfig, block_size: int) -> TileConfig:
+def _clip(cfg: TileConfig, block_size: int) -> TileConfig:
     """``cfg`` with tiles no larger than the selection block (powers of two: they divide it)."""
     return replace(cfg, block_m=min(cfg.block_m, block_size),
                    block_n=min(cfg.block_n, block_size))
