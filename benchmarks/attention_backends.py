@@ -15,7 +15,6 @@ bucket (what the prefill warm-up would pick) closes the run. Results:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +23,6 @@ from benchmarks.common import add_provenance_args, print_table, versions, write_
 from disagg.attention import dense_backends as db
 
 COLUMNS = ["context_tokens", "kernel", "ms", "first_call_ms", "tflops", "rel_rms_vs_cudnn"]
-
-
-def _wall(fn, *args) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn(*args)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,10 +53,8 @@ def length_rows(n: int, args) -> list[dict]:
     flops = 4 * (n * (n + 1) // 2) * args.head_dim * args.heads
     rows, outs = [], {}
     for name in args.kernels:
-        t0 = time.perf_counter()
+        first = db.wall_seconds(db.causal_square, q, k, v, None, name)
         outs[name] = db.causal_square(q, k, v, None, name)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t0
         seconds = db.time_call(db.causal_square, q, k, v, None, name, repeats=args.repeats)
         rows.append({"context_tokens": n, "kernel": name, "ms": seconds * 1e3,
                      "first_call_ms": first * 1e3, "tflops": flops / seconds / 1e12,
@@ -92,7 +81,7 @@ def main() -> None:
 
         extra["fa4_version"] = md.version("flash-attn-4")
         extra["cutlass_dsl_version"] = md.version("nvidia-cutlass-dsl")
-        extra["fa4_first_call_s"] = _wall(db.causal_square, *_inputs(1024, args), None, "fa4")
+        extra["fa4_first_call_s"] = db.wall_seconds(db.causal_square, *_inputs(1024, args), None, "fa4")
     print(versions(), extra, flush=True)
     extra["fp32_rel_rms_4k"] = fp32_check(args)
     print("vs fp32 at 4K:", extra["fp32_rel_rms_4k"], flush=True)
@@ -106,8 +95,7 @@ def main() -> None:
     timings = db.tune_causal(torch.device("cuda"), num_heads=args.heads,
                              num_kv_heads=args.kv_heads, head_dim=args.head_dim,
                              dtype=torch.bfloat16, max_tokens=max(args.lengths))
-    extra["tuned"] = [{"bucket": t.key.bucket, "tokens": t.tokens, "winner": t.winner,
-                       "ms": {k: s * 1e3 for k, s in t.seconds.items()}} for t in timings]
+    extra["tuned"] = [t.as_row() for t in timings]
     print("tuned:", extra["tuned"], flush=True)
     write_results("attention_backends", rows, commit=args.commit, dirty=args.dirty,
                   out=args.out, extra=extra)

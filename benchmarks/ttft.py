@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from disagg_kernels.triangle_mix import num_kept_pairs
@@ -35,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import add_provenance_args, print_table, unshared_state_dict, write_results
 from disagg.attention import dense_backends
+from disagg.attention.dense_backends import wall_seconds
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
@@ -80,14 +79,6 @@ class _TimedModel:
         return total
 
 
-def _wall(fn: Callable[..., object], *args) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn(*args)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def time_transformers(hf, req: EngineRequest, repeats: int, sdpa: str = "default"
                       ) -> tuple[float, float]:
     """(median seconds, peak GiB) of transformers' prefill of ``req`` after one warm-up, with
@@ -105,7 +96,7 @@ def time_transformers(hf, req: EngineRequest, repeats: int, sdpa: str = "default
 
     prefill()
     torch.cuda.reset_peak_memory_stats()
-    seconds = statistics.median(_wall(prefill) for _ in range(repeats))
+    seconds = statistics.median(wall_seconds(prefill) for _ in range(repeats))
     # Its copies of our packed weights are not counted: one copy of the weights, as ours.
     return seconds, (torch.cuda.max_memory_allocated() - hf.copied_weight_bytes) / 2**30
 
@@ -208,7 +199,7 @@ def startup_checks(engines: dict[str, PrefillEngine], config, context: int) -> d
     tuned = warmup["dense"].dense_kernels
     first_n = min(32768, context - 1)
     req = _request(first_n, config.vocab_size, context)
-    first_s = [_wall(engines["trianglemix"].prefill, req) for _ in range(2)]
+    first_s = [wall_seconds(engines["trianglemix"].prefill, req) for _ in range(2)]
     print(f"warm-up {[round(w.seconds, 2) for w in warmup.values()]} s; first/second "
           f"{first_n}-token TriangleMix prefill after it: {first_s[0]:.3f} / {first_s[1]:.3f} s",
           flush=True)
@@ -226,8 +217,7 @@ def startup_checks(engines: dict[str, PrefillEngine], config, context: int) -> d
 
 def dense_kernel_rows(timings) -> list[dict]:
     """The warm-up's measured choice of dense-attention kernel per length bucket."""
-    return [{"bucket": t.key.bucket, "tokens": t.tokens, "winner": t.winner,
-             "ms": {k: round(s * 1e3, 3) for k, s in t.seconds.items()}} for t in timings]
+    return [t.as_row() for t in timings]
 
 
 def model_flops(config, n: int, triangle_layers: int, params) -> float:
@@ -279,7 +269,8 @@ def main() -> None:
     else:
         extra["dense_kernels"] = dense_kernel_rows(dense_backends.tune_causal(
             torch.device("cuda"), num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim, dtype=torch.bfloat16, max_tokens=max(args.lengths)))
+            head_dim=config.head_dim, dtype=torch.bfloat16, max_tokens=max(args.lengths),
+            calls_per_prompt=config.num_layers))
 
     rows = []
     for n in args.lengths:  # in the order given: the session script runs the targets first
@@ -292,7 +283,8 @@ def main() -> None:
             torch.cuda.empty_cache()
             engine.prefill(req)
             torch.cuda.reset_peak_memory_stats()
-            ours_s = statistics.median(_wall(engine.prefill, req) for _ in range(args.repeats))
+            ours_s = statistics.median(wall_seconds(engine.prefill, req)
+                                       for _ in range(args.repeats))
             peak = torch.cuda.max_memory_allocated() / 2**30
             timed[mode].prefill(req)
             attention_s = timed_model.attention_s()

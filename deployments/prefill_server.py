@@ -77,6 +77,9 @@ class PrefillServer:
             report = warm_up_prefill(self.engine)
             logger.info("PrefillServer warm-up: prompts of %s tokens in %.1f s",
                         report.prompt_lengths, report.seconds)
+            for timing in report.dense_kernels:
+                logger.info("PrefillServer dense attention at %d tokens: %s", timing.tokens,
+                            timing.as_row())
 
     async def prefill(self, request: EngineRequest, offers: bytes,
                       cuda_ipc: CudaIpcExport | None = None, plan: RoutePlan | None = None

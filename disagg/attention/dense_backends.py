@@ -6,7 +6,12 @@ Life of a choice:
 1. At import every shape runs on cuDNN, the fastest kernel torch ships (no optional package).
 2. ``tune_causal`` (the prefill warm-up calls it on CUDA when FA4 imports) times both kernels
    once per length bucket (powers of two) on random inputs of the model's head layout and
-   records the faster one; FA4's JIT compilation happens there, before the replica is ready.
+   records the cheaper one for a prompt; FA4's JIT compilation happens there, before the
+   replica is ready. A prompt's cost counts its first call at a length apart: cuDNN builds a
+   plan for every new shape (tens of milliseconds, once per prompt, since a served prompt's
+   length is new), FA4 does not, so the cost of a kernel for a prompt of ``calls`` dense
+   layers is ``calls x steady + (first call - steady)``. Picking by steady time alone chose
+   cuDNN near a tie and made the first request after ready pay its plan.
 3. ``causal_square`` runs a tuned bucket's winner; an untuned bucket runs cuDNN.
 ``DISAGG_DENSE_ATTENTION=cudnn|fa4`` forces one kernel for every shape (benchmarks, tests);
 ``auto`` (the default) is the measured choice. A forced ``fa4`` without the package is an error.
@@ -18,8 +23,9 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +36,7 @@ from disagg.errors import DisaggError
 KERNELS = ("cudnn", "fa4")
 ENV_VAR = "DISAGG_DENSE_ATTENTION"
 MIN_TUNED_TOKENS = 4096  # below this the square is milliseconds: cuDNN, untuned
+COMPILE_TOKENS = 1024  # the length every kernel first runs at in a tuning (its compilation)
 
 
 class DenseBackendError(DisaggError):
@@ -49,12 +56,28 @@ class ShapeKey:
 
 @dataclass(frozen=True)
 class Timing:
-    """One tuning measurement: seconds per call of each kernel at ``tokens`` tokens."""
+    """One tuning measurement at ``tokens`` tokens: each kernel's steady seconds per call
+    (``seconds``) and the wall seconds of its first call at that length (``first_seconds``),
+    for a prompt of ``calls`` dense layers; ``winner`` has the lowest ``cost``."""
 
     key: ShapeKey
     tokens: int
     seconds: dict[str, float]
+    first_seconds: dict[str, float]
+    calls: int
     winner: str
+
+    def cost(self, kernel: str) -> float:
+        """Seconds of dense attention in one prompt of this length on ``kernel``."""
+        steady = self.seconds[kernel]
+        return self.calls * steady + max(self.first_seconds[kernel] - steady, 0.0)
+
+    def as_row(self) -> dict:
+        """The measurement as a results-file row (milliseconds)."""
+        return {"bucket": self.key.bucket, "tokens": self.tokens, "calls": self.calls,
+                "winner": self.winner,
+                "ms": {k: round(s * 1e3, 3) for k, s in self.seconds.items()},
+                "first_ms": {k: round(s * 1e3, 3) for k, s in self.first_seconds.items()}}
 
 
 _CHOICES: dict[ShapeKey, str] = {}
@@ -143,12 +166,31 @@ def time_call(fn, *args, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def wall_seconds(fn, *args) -> float:
+    """Wall seconds of one call of ``fn(*args)``, the device synchronized before and after."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*args)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _random_qkv(tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                device: torch.device, dtype: torch.dtype):
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    q = torch.randn(tokens, num_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(tokens, num_kv_heads, head_dim, device=device, dtype=dtype, generator=gen)
+    return q, k, torch.randn_like(k)
+
+
 def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                dtype: torch.dtype, max_tokens: int, repeats: int = 3,
-                kernels: Iterable[str] = KERNELS) -> list[Timing]:
+                dtype: torch.dtype, max_tokens: int, calls_per_prompt: int = 1,
+                repeats: int = 3, kernels: Iterable[str] = KERNELS) -> list[Timing]:
     """Time every kernel at each bucket from ``MIN_TUNED_TOKENS`` to ``max_tokens`` not tuned
     yet (choices are process-wide: a second engine of the same heads measures nothing again)
-    and record the faster; returns the new measurements (none when FA4 does not import). The
+    and record the one of least ``Timing.cost`` for a prompt of ``calls_per_prompt`` dense
+    layers; returns the new measurements (none when FA4 does not import). Every kernel runs
+    once first at a short length, so its compilation is not taken for a first-call cost. The
     buffers of the measurements go back to the device when it ends."""
     kernels = [k for k in kernels if k != "fa4" or fa4_available()]
     if len(kernels) < 2 or device.type != "cuda":
@@ -157,21 +199,26 @@ def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head
     while not lengths or lengths[-1] < max_tokens:
         lengths.append(min(n, max_tokens))
         n *= 2
+    keys = {n: ShapeKey(bucket(n), num_heads, num_kv_heads, head_dim, dtype) for n in lengths}
+    lengths = [n for n in lengths if keys[n] not in _CHOICES]
+    if lengths:
+        compile_args = _random_qkv(COMPILE_TOKENS, num_heads, num_kv_heads, head_dim, device,
+                                   dtype)
+        for name in kernels:
+            causal_square(*compile_args, None, name)
+        del compile_args
     timings = []
     for tokens in lengths:
-        key = ShapeKey(bucket(tokens), num_heads, num_kv_heads, head_dim, dtype)
-        if key in _CHOICES:
-            continue
-        gen = torch.Generator(device=device).manual_seed(tokens)
-        q = torch.randn(tokens, num_heads, head_dim, device=device, dtype=dtype, generator=gen)
-        k = torch.randn(tokens, num_kv_heads, head_dim, device=device, dtype=dtype,
-                        generator=gen)
-        v = torch.randn_like(k)
+        key = keys[tokens]
+        q, k, v = _random_qkv(tokens, num_heads, num_kv_heads, head_dim, device, dtype)
+        first = {name: wall_seconds(causal_square, q, k, v, None, name)
+                 for name in kernels}
         seconds = {name: time_call(causal_square, q, k, v, None, name, repeats=repeats)
                    for name in kernels}
-        winner = min(seconds, key=seconds.get)
+        timing = Timing(key, tokens, seconds, first, calls_per_prompt, winner="")
+        winner = min(kernels, key=timing.cost)
         _CHOICES[key] = winner
-        timings.append(Timing(key, tokens, seconds, winner))
+        timings.append(replace(timing, winner=winner))
         del q, k, v
     torch.cuda.empty_cache()
     return timings

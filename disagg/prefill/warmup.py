@@ -2,8 +2,9 @@
 
 Life of a warm-up (``warm_up_prefill``, called once by the server before it reports ready):
 0. On CUDA, ``dense_backends.tune_causal`` times cuDNN against FlashAttention-4 (when it
-   imports) per length bucket of the dense causal square and keeps the faster; FA4 compiles
-   its kernel there.
+   imports) per length bucket of the dense causal square and keeps the cheaper for a prompt
+   of the engine's dense layers (``num_dense_layers``: a kernel's first call at a new length
+   is paid once per prompt, its steady time once per dense layer); FA4 compiles there.
 1. A short dense prefill: cuBLAS handles, cuDNN attention, the fused norm / RoPE / SiLU
    kernels (their row counts are not specialized, so one length compiles them for all).
 2. With TriangleMix on CUDA, one prefill per Triton *specialization class* of the Triangle
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from disagg.attention.dense_backends import Timing, tune_causal
+from disagg.attention.metadata import AttentionKind
 from disagg.prefill.engine import PrefillEngine
 from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
@@ -48,7 +50,8 @@ def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
     if engine.device.type == "cuda":
         dense_kernels = tuple(tune_causal(
             engine.device, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim, dtype=engine.layout.dtype, max_tokens=context - 1))
+            head_dim=config.head_dim, dtype=engine.layout.dtype, max_tokens=context - 1,
+            calls_per_prompt=num_dense_layers(engine, context - 1)))
     lengths = [min(DENSE_WARMUP_TOKENS, context - 1)]
     if engine.device.type == "cuda" and engine.trianglemix is not None:
         lengths += triangle_warmup_lengths(engine, max_tokens=context - 1)
@@ -62,6 +65,15 @@ def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     return WarmupReport(tuple(lengths), time.perf_counter() - t0, dense_kernels)
+
+
+def num_dense_layers(engine: PrefillEngine, num_prompt_tokens: int) -> int:
+    """How many layers run the dense causal square in a prefill of ``num_prompt_tokens``."""
+    layers = range(engine.model.config.num_layers)
+    if engine.trianglemix is None:
+        return len(layers)
+    return sum(engine.trianglemix.kind(i, num_prompt_tokens) == AttentionKind.DENSE
+               for i in layers)
 
 
 def triangle_warmup_lengths(engine: PrefillEngine, *, max_tokens: int) -> list[int]:

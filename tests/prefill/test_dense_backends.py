@@ -3,6 +3,8 @@ the forcing variable, the untuned default, and that CPU attention never consults
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,32 @@ def test_forcing_fa4_without_the_package_is_an_error(monkeypatch):
     monkeypatch.setenv(db.ENV_VAR, "fa4")
     with pytest.raises(db.DenseBackendError, match="does not import"):
         db.forced_kernel()
+
+
+def _timing(steady: dict, first: dict, calls: int) -> db.Timing:
+    return db.Timing(db.ShapeKey(32768, 32, 8, 128, torch.bfloat16), 32768, steady, first,
+                     calls, winner="")
+
+
+def test_a_prompt_pays_steady_time_per_layer_and_the_first_call_extra_once():
+    t = _timing({"cudnn": 0.015, "fa4": 0.0136}, {"cudnn": 0.065, "fa4": 0.0137}, calls=16)
+    assert t.cost("cudnn") == pytest.approx(16 * 0.015 + 0.050)
+    assert t.cost("fa4") == pytest.approx(16 * 0.0136 + 0.0001)
+    # a first call measured faster than the steady median is no saving
+    assert _timing({"fa4": 0.02}, {"fa4": 0.01}, calls=2).cost("fa4") == pytest.approx(0.04)
+
+
+def test_the_first_call_extra_can_outweigh_a_faster_steady_kernel():
+    steady, first = {"cudnn": 0.0100, "fa4": 0.0102}, {"cudnn": 0.050, "fa4": 0.0102}
+    assert min(db.KERNELS, key=_timing(steady, first, calls=16).cost) == "fa4"
+    assert min(db.KERNELS, key=_timing(steady, first, calls=1000).cost) == "cudnn"
+
+
+def test_a_timing_row_reports_both_times_in_milliseconds():
+    row = replace(_timing({"cudnn": 0.015, "fa4": 0.0136}, {"cudnn": 0.065, "fa4": 0.0137},
+                             calls=16), winner="fa4").as_row()
+    assert row == {"bucket": 32768, "tokens": 32768, "calls": 16, "winner": "fa4",
+                   "ms": {"cudnn": 15.0, "fa4": 13.6}, "first_ms": {"cudnn": 65.0, "fa4": 13.7}}
 
 
 def test_tuning_on_cpu_measures_nothing():

@@ -63,10 +63,12 @@ def test_fa4_reads_strided_views_of_a_packed_qkv(fa4):
 def test_tuned_choice_routes_dense_attention(fa4, monkeypatch):
     monkeypatch.delenv(db.ENV_VAR, raising=False)
     timings = db.tune_causal(torch.device("cuda"), num_heads=32, num_kv_heads=8, head_dim=128,
-                             dtype=torch.bfloat16, max_tokens=8192)
+                             dtype=torch.bfloat16, max_tokens=8192, calls_per_prompt=16)
     assert [t.key.bucket for t in timings] == [4096, 8192]
-    assert all(set(t.seconds) == {"cudnn", "fa4"} and t.seconds[t.winner] == min(
-        t.seconds.values()) for t in timings)
+    for t in timings:  # the winner is the cheaper prompt: 16 steady calls + the first's extra
+        assert set(t.seconds) == set(t.first_seconds) == {"cudnn", "fa4"} and t.calls == 16
+        assert t.cost(t.winner) == min(t.cost(name) for name in t.seconds), t.as_row()
+        assert all(t.first_seconds[name] > 0 for name in t.seconds)
     q, k, v = _qkv(8000, 32, 8, 128)
     winner = timings[-1].winner
     assert db.kernel_for(q, k) == winner

@@ -12,6 +12,7 @@ from disagg.attention.triangle import TriangleMixConfig
 from disagg.prefill.engine import PrefillEngine
 from disagg.prefill.warmup import (
     DENSE_WARMUP_TOKENS,
+    num_dense_layers,
     triangle_specialization,
     triangle_warmup_lengths,
     warm_up_prefill,
@@ -24,6 +25,17 @@ def test_cpu_warm_up_is_one_tiny_prefill():
                            trianglemix=TriangleMixConfig((1, 2), TriangleParams(4, 32, 16)))
     report = warm_up_prefill(engine)
     assert report.prompt_lengths == (DENSE_WARMUP_TOKENS,)
+
+
+def test_dense_layer_count_is_what_a_prompt_of_that_length_runs_dense():
+    model, _ = random_model("tiny-llama")
+    num_layers = model.config.num_layers
+    params = TriangleParams(4, 32, 16)  # prompts of at most 52 tokens are all dense
+    tri = PrefillEngine(model, model_name="tiny-llama",
+                        trianglemix=TriangleMixConfig((1, 2), params))
+    assert num_dense_layers(tri, 1000) == num_layers - 2
+    assert num_dense_layers(tri, 52) == num_layers
+    assert num_dense_layers(PrefillEngine(model, model_name="tiny-llama"), 1000) == num_layers
 
 
 @pytest.mark.parametrize("name, params", [
