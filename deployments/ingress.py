@@ -21,7 +21,6 @@ Life of a request here:
 import asyncio
 import contextlib
 import hmac
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,7 +38,7 @@ from deployments.config import AppConfig
 from deployments.failures import REPLICA_GONE
 from deployments.messages import StreamItem
 from deployments.metrics import Metrics
-from deployments.runtime import load_replica_model, warm_proxy_calls
+from deployments.runtime import load_replica_model
 from disagg.errors import DisaggError, InvalidRequestError
 from disagg.openai.errors import (
     APIError,
@@ -61,7 +60,6 @@ from disagg.output import OutputProcessor
 from disagg.request import EngineRequest
 
 app = FastAPI(title="disagg", docs_url=None, redoc_url=None)
-logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
 PATH_HEADER = "x-disagg-path"
 _TOKEN_ID_BYTES = 8  # generous bytes per token id in a JSON list ("123456, ")
 
@@ -163,10 +161,6 @@ class OpenAIIngress:
         app_name = serve.get_replica_context().app_name
         for pool in config.pools:
             await serve.get_deployment_handle(prefill_deployment(pool), app_name).stats.remote()
-        try:  # the body read's first call back into the proxy (runtime.warm_proxy_calls)
-            await asyncio.to_thread(warm_proxy_calls)
-        except Exception as e:  # noqa: BLE001 - a warm-up only: the first request pays it
-            logger.warning("OpenAIIngress: no call to Serve's proxy at start: %r", e)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:

@@ -63,22 +63,6 @@ def warm_object_store() -> None:
         ray.get(ray.put(bytes(_OBJECT_STORE_WARMUP_BYTES)))
 
 
-def warm_proxy_calls(timeout_s: float = 10.0) -> int:
-    """Call every Serve HTTP proxy of the cluster once from this process (the ingress): a
-    request's body is read back from the proxy by an actor call, and a process's first call
-    to an actor looks its name up and opens a connection; that happens here, before the
-    replica is ready. Returns how many proxies answered (0 where Serve runs none yet).
-    Uses Serve 2.60's naming of its proxy actors (``SERVE_PROXY_ACTOR-<node id>``)."""
-    import ray
-    from ray.serve._private.constants import SERVE_NAMESPACE, SERVE_PROXY_NAME
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == SERVE_NAMESPACE and a["name"].startswith(SERVE_PROXY_NAME)]
-    calls = [ray.get_actor(name, namespace=SERVE_NAMESPACE).pong.remote() for name in names]
-    ray.get(calls, timeout=timeout_s)
-    return len(calls)
-
-
 def replica_device(config: AppConfig, num_gpus: float) -> torch.device:
     """This replica's device. With ``gpu_peer_access`` every GPU of the node is visible, so
     the replica selects the one Ray assigned it (its physical index)."""

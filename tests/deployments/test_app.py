@@ -177,14 +177,6 @@ def test_models_and_health(serve_app):
     assert httpx.get(f"{serve_app}/health", timeout=10).status_code == 200
 
 
-def test_the_ingress_start_up_reaches_serves_proxy_actor(serve_app):
-    """``warm_proxy_calls`` finds Serve's HTTP proxy by its actor name (Serve internals): were
-    the name to change, the ingress's start-up call would silently reach nothing."""
-    from deployments.runtime import warm_proxy_calls
-
-    assert warm_proxy_calls() == 1  # proxy_location HeadOnly on one node
-
-
 @pytest.mark.parametrize("content", [SHORT, LONG])
 def test_disconnect_mid_stream_frees_blocks_and_leases(serve_app, content):
     before = stats()[0]
