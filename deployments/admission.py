@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 
 from deployments.config import DEFAULT_POOL, AppConfig
 from deployments.load import LoadBook
@@ -122,15 +123,17 @@ class Planner:
                 self.fitted.prefill_s(num_prompt_tokens, triangle_fraction=fraction, sp=sp),
                 measured_s)
 
-    def plan(self, request: EngineRequest) -> Ticket | APIError:
-        """The request's plan (counted on its queues from now on), or the error to answer."""
+    def plan(self, request: EngineRequest, *, local: bool = False) -> Ticket | APIError:
+        """The request's plan (counted on its queues from now on), or the error to answer;
+        ``local`` forces decode's own prefill (the ingress's start-up requests)."""
         summary = RequestSummary(request.request_id, request.num_prompt_tokens,
                                  request.max_tokens)
         for pool, tokens, seconds in self.book.new_prefill_measurements():
             self.observe(pool, tokens, seconds)
         now = time.time()
         load = self.book.snapshot(now)
-        outcome = route(summary, load, self.cost, self.settings)
+        settings = replace(self.settings, mode="local") if local else self.settings
+        outcome = route(summary, load, self.cost, settings)
         if isinstance(outcome, Rejection):
             logger.debug("refused %s (%d tokens): %s; load %s", request.request_id,
                          request.num_prompt_tokens, outcome, load)

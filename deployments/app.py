@@ -19,6 +19,8 @@ client ──HTTP/SSE──► OpenAIIngress      auth, strict validation, token
 
 from __future__ import annotations
 
+import secrets
+
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
@@ -108,7 +110,7 @@ def build_app(config: AppConfig) -> Application:
     return OpenAIIngress.options(
         **{**_options(config.ingress, config),
            **_routing(config, config.ingress, "OpenAIIngress", "ingress")},
-    ).bind(config, decode)
+    ).bind(config, decode, warmup_token=secrets.token_urlsafe(16))
 
 
 def app_builder(args: dict) -> Application:

@@ -21,10 +21,13 @@ Life of a request here:
 import asyncio
 import contextlib
 import hmac
+import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -38,7 +41,7 @@ from deployments.config import AppConfig
 from deployments.failures import REPLICA_GONE
 from deployments.messages import StreamItem
 from deployments.metrics import Metrics
-from deployments.runtime import load_replica_model
+from deployments.runtime import load_replica_model, local_proxy_url
 from disagg.errors import DisaggError, InvalidRequestError
 from disagg.openai.errors import (
     APIError,
@@ -60,7 +63,12 @@ from disagg.output import OutputProcessor
 from disagg.request import EngineRequest
 
 app = FastAPI(title="disagg", docs_url=None, redoc_url=None)
+logger = logging.getLogger("ray.serve")  # Serve writes it to this replica's log file
 PATH_HEADER = "x-disagg-path"
+WARMUP_HEADER = "x-disagg-warmup"  # the app's start-up token: the request is a warm-up
+HTTP_WARMUP_REQUESTS = 4  # per ingress replica: Serve's proxy spreads them over the replicas
+HTTP_WARMUP_BODY_BYTES = 128 << 10  # over Ray's 100 KiB inline limit, as a long prompt's body
+HTTP_WARMUP_TIMEOUT_S = 120.0
 _TOKEN_ID_BYTES = 8  # generous bytes per token id in a JSON list ("123456, ")
 
 
@@ -138,10 +146,25 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     return b"".join(chunks)
 
 
+async def _route_prefix(client: httpx.AsyncClient, app_name: str, timeout_s: float
+                        ) -> str | None:
+    """The route prefix of ``app_name`` in Serve's proxy (``GET /-/routes``), once listed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = await client.get("/-/routes")
+        if r.status_code == 200 and isinstance(routes := r.json(), dict):
+            for prefix, name in routes.items():
+                if name == app_name:
+                    return prefix
+        await asyncio.sleep(0.2)
+    return None
+
+
 @serve.deployment
 @serve.ingress(app)
 class OpenAIIngress:
-    async def __init__(self, config: AppConfig, decode: DeploymentHandle):
+    async def __init__(self, config: AppConfig, decode: DeploymentHandle, *,
+                       warmup_token: str | None = None):
         loaded = load_replica_model(config, num_cpus=config.ingress.num_cpus, num_gpus=0,
                                     with_weights=False)
         self._config = config
@@ -161,6 +184,55 @@ class OpenAIIngress:
         app_name = serve.get_replica_context().app_name
         for pool in config.pools:
             await serve.get_deployment_handle(prefill_deployment(pool), app_name).stats.remote()
+        # Start-up requests through Serve's HTTP proxy (see ``_warm_http_path``).
+        self._warmup_token = warmup_token
+        self._http_warmup = asyncio.get_running_loop().create_task(self._warm_http_path())
+
+    async def _warm_http_path(self) -> list[int]:
+        """Send ``HTTP_WARMUP_REQUESTS`` one-token completions through this node's Serve proxy
+        and return their statuses. The proxy's first request into the app, its first calls
+        with each ingress replica and its first object-store put of a body cost ~10 ms of a
+        served request (RESULTS.md); none of that is reachable from inside the app. Sent when
+        this constructor ends, these requests are held by the proxy until the first ingress
+        replica runs, and answered before Serve reports the app ready. They carry the app's
+        start-up token (one per app, made at build) and are always prefilled by decode, so
+        no prefill replica counts them. Best effort: a failure is logged, nothing else."""
+        if self._warmup_token is None:
+            return []
+        try:
+            url = await asyncio.to_thread(local_proxy_url)
+            if url is None:  # no proxy on this node: the first request pays it
+                return []
+            headers = {"content-type": "application/json", WARMUP_HEADER: self._warmup_token}
+            if self._api_key is not None:
+                headers["authorization"] = "Bearer " + self._api_key.decode()
+            body = json.dumps({"model": self._config.model_name, "prompt": [0],
+                               "max_tokens": 1, "temperature": 0}).encode()
+            body += b" " * max(HTTP_WARMUP_BODY_BYTES - len(body), 0)  # JSON allows it
+            app_name = serve.get_replica_context().app_name
+            async with httpx.AsyncClient(base_url=url, timeout=HTTP_WARMUP_TIMEOUT_S) as client:
+                prefix = await _route_prefix(client, app_name, HTTP_WARMUP_TIMEOUT_S)
+                if prefix is None:
+                    return []
+                path = prefix.rstrip("/") + "/v1/completions"
+                responses = await asyncio.gather(
+                    *(client.post(path, content=body, headers=headers)
+                      for _ in range(HTTP_WARMUP_REQUESTS)), return_exceptions=True)
+        except Exception as e:  # noqa: BLE001 - a warm-up: the first request pays instead
+            logger.warning("OpenAIIngress: HTTP warm-up failed: %r", e)
+            return []
+        statuses = [r.status_code if isinstance(r, httpx.Response) else 0 for r in responses]
+        logger.info("OpenAIIngress: HTTP warm-up through %s: statuses %s", url, statuses)
+        return statuses
+
+    async def http_warmup(self) -> list[int]:
+        """This replica's start-up requests' HTTP statuses, once they are answered (tests)."""
+        return await asyncio.shield(self._http_warmup)
+
+    def _is_warmup(self, request: Request) -> bool:
+        given = request.headers.get(WARMUP_HEADER)
+        return (self._warmup_token is not None and given is not None
+                and hmac.compare_digest(given.encode(), self._warmup_token.encode()))
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -241,7 +313,8 @@ class OpenAIIngress:
             return error_response(r.error)
         except (DisaggError, ValidationError) as e:
             return error_response(from_exception(e))
-        ticket = self._planner.plan(request)  # admission: before any work is done
+        # admission: before any work is done
+        ticket = self._planner.plan(request, local=self._is_warmup(http_request))
         if isinstance(ticket, APIError):
             self._metrics.requests.inc(tags={"path": "none", "status": str(ticket.status)})
             return error_response(ticket, "none")

@@ -63,6 +63,23 @@ def warm_object_store() -> None:
         ray.get(ray.put(bytes(_OBJECT_STORE_WARMUP_BYTES)))
 
 
+def local_proxy_url(timeout_s: float = 10.0) -> str | None:
+    """``http://host:port`` of the Serve HTTP proxy on this node, or None where none runs here.
+    Reads Serve 2.60's proxy actor (named ``SERVE_PROXY_ACTOR-<node id>``) for its options."""
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE, SERVE_PROXY_NAME
+
+    name = f"{SERVE_PROXY_NAME}-{ray.get_runtime_context().get_node_id()}"
+    try:
+        proxy = ray.get_actor(name, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return None
+    options = ray.get(proxy._get_http_options.remote(), timeout=timeout_s)
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(options.host,
+                                                                        options.host)
+    return f"http://{host}:{options.port}"
+
+
 def replica_device(config: AppConfig, num_gpus: float) -> torch.device:
     """This replica's device. With ``gpu_peer_access`` every GPU of the node is visible, so
     the replica selects the one Ray assigned it (its physical index)."""
