@@ -4,7 +4,8 @@ long request after ready against the second.
 One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1-8B, bf16):
 1. Engine alone, before Ray starts: the decode step at batch 1 and the TPOT context
    (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
-2. The Serve app: right after it is ready, three ``--long`` prompts one after the other (TTFT
+2. The Serve app: right after it is ready (and the client's connection opened on the proxy's
+   ``/-/healthz``), three ``--long`` prompts one after the other (TTFT
    and the server's breakdown of each, with token 0's hops from the breakdown's wall-clock
    marks and the client's own: the first must pay no compilation), then
    ``--requests`` streamed requests one at a time with ``--context`` prompt tokens and
@@ -105,6 +106,10 @@ def main() -> None:
     url, vocab = f"http://127.0.0.1:{args.port}", source.model_config().vocab_size
     g = torch.Generator().manual_seed(2)
     with httpx.Client() as client:
+        # The client's own connection is opened first, on the proxy's health route (answered
+        # by the proxy, never by the app): the first timed request then compares the server's
+        # first request with its second, not a TCP connect with a kept-alive connection.
+        client.get(f"{url}/-/healthz", timeout=30).raise_for_status()
         long_timing: list = []
         long_ttft = [stream(client, url, config.model_name,
                             torch.randint(0, vocab, (args.long,), generator=g).tolist(), 2,
