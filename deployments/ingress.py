@@ -194,7 +194,8 @@ class OpenAIIngress:
         with each ingress replica and its first object-store put of a body cost ~10 ms of a
         served request (RESULTS.md); none of that is reachable from inside the app. Sent when
         this constructor ends, these requests are held by the proxy until the first ingress
-        replica runs, and answered before Serve reports the app ready. They carry the app's
+        replica runs and are answered right then, as a rule before ``serve.run`` sees the app
+        ready (not a guarantee: a request that arrives sooner pays the rest). They carry the app's
         start-up token (one per app, made at build) and are always prefilled by decode, so
         no prefill replica counts them. Best effort: a failure is logged, nothing else."""
         if self._warmup_token is None:
