@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -184,12 +184,14 @@ def _random_qkv(tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
 
 
 def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                dtype: torch.dtype, max_tokens: int, calls_per_prompt: int = 1,
+                dtype: torch.dtype, max_tokens: int,
+                calls_per_prompt: int | Callable[[int], int] = 1,
                 repeats: int = 3, kernels: Iterable[str] = KERNELS) -> list[Timing]:
     """Time every kernel at each bucket from ``MIN_TUNED_TOKENS`` to ``max_tokens`` not tuned
     yet (choices are process-wide: a second engine of the same heads measures nothing again)
     and record the one of least ``Timing.cost`` for a prompt of ``calls_per_prompt`` dense
-    layers; returns the new measurements (none when FA4 does not import). Every kernel runs
+    layers (a number, or a function of the prompt's length: which layers run dense can depend
+    on it); returns the new measurements (none when FA4 does not import). Every kernel runs
     once first at a short length, so its compilation is not taken for a first-call cost. The
     buffers of the measurements go back to the device when it ends."""
     kernels = [k for k in kernels if k != "fa4" or fa4_available()]
@@ -215,7 +217,8 @@ def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head
                  for name in kernels}
         seconds = {name: time_call(causal_square, q, k, v, None, name, repeats=repeats)
                    for name in kernels}
-        timing = Timing(key, tokens, seconds, first, calls_per_prompt, winner="")
+        calls = calls_per_prompt(tokens) if callable(calls_per_prompt) else calls_per_prompt
+        timing = Timing(key, tokens, seconds, first, calls, winner="")
         winner = min(kernels, key=timing.cost)
         _CHOICES[key] = winner
         timings.append(replace(timing, winner=winner))

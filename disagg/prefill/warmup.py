@@ -51,7 +51,7 @@ def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
         dense_kernels = tuple(tune_causal(
             engine.device, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim, dtype=engine.layout.dtype, max_tokens=context - 1,
-            calls_per_prompt=num_dense_layers(engine, context - 1)))
+            calls_per_prompt=lambda n: num_dense_layers(engine, n)))
     lengths = [min(DENSE_WARMUP_TOKENS, context - 1)]
     if engine.device.type == "cuda" and engine.trianglemix is not None:
         lengths += triangle_warmup_lengths(engine, max_tokens=context - 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from disagg_kernels.dynamic_sparse import DynamicSparseParams
 from disagg_kernels.triangle_mix import TriangleParams
 from helpers import random_model
 
@@ -36,6 +37,10 @@ def test_dense_layer_count_is_what_a_prompt_of_that_length_runs_dense():
     assert num_dense_layers(tri, 1000) == num_layers - 2
     assert num_dense_layers(tri, 52) == num_layers
     assert num_dense_layers(PrefillEngine(model, model_name="tiny-llama"), 1000) == num_layers
+    dynamic = PrefillEngine(model, model_name="tiny-llama", trianglemix=TriangleMixConfig(
+        (1, 2), params, dynamic=DynamicSparseParams(min_tokens=4096)))
+    assert num_dense_layers(dynamic, 4095) == num_layers - 2  # under min_tokens: dense
+    assert num_dense_layers(dynamic, 4096) == 0  # the other layers run dynamic sparse
 
 
 @pytest.mark.parametrize("name, params", [
