@@ -81,7 +81,8 @@ def main() -> None:
 
         extra["fa4_version"] = md.version("flash-attn-4")
         extra["cutlass_dsl_version"] = md.version("nvidia-cutlass-dsl")
-        extra["fa4_first_call_s"] = db.wall_seconds(db.causal_square, *_inputs(1024, args), None, "fa4")
+        extra["fa4_first_call_s"] = db.wall_seconds(db.causal_square, *_inputs(1024, args),
+                                                    None, "fa4")
     print(versions(), extra, flush=True)
     extra["fp32_rel_rms_4k"] = fp32_check(args)
     print("vs fp32 at 4K:", extra["fp32_rel_rms_4k"], flush=True)

@@ -180,7 +180,8 @@ def test_models_and_health(serve_app):
 
 def test_the_ingress_warms_the_http_path_through_serves_proxy_at_start(serve_app):
     """Its start-up requests went through the proxy (found by Serve's internal naming) and
-    were answered; prefill counted none of them (decode prefilled them)."""
+    were answered. That prefill counts none of them is checked on the GPU app
+    (``test_handoff_gpu``: at ready, prefill has served only decode's warm-up)."""
     handle = serve.get_app_handle("disagg")
     assert handle.http_warmup.remote().result(timeout_s=60) == [200] * HTTP_WARMUP_REQUESTS
 
