@@ -61,8 +61,8 @@ def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_token
 
 
 # The path of token 0, in order: each hop's ms is the next mark minus this one.
-HOPS = ("client_sent", "ingress_received", "decode_received", "decode_reserved",
-        "prefill_received", "prefill_started", "prefill_token0", "decode_token0",
+HOPS = ("client_sent", "ingress_received", "ingress_parsed", "ingress_sent", "decode_received",
+        "decode_reserved", "prefill_received", "prefill_started", "prefill_token0", "decode_token0",
         "ingress_token0", "client_token0")
 
 

@@ -303,6 +303,7 @@ class OpenAIIngress:
         t_start = time.perf_counter()
         try:
             body = await self._parse(http_request, schema)
+            t_parsed = time.perf_counter()
             prompt_ids = await asyncio.to_thread(self._prompt_ids, body)
             params = cap_max_tokens(body.sampling_params(), self._config.ingress.max_tokens_limit,
                                     num_prompt_tokens=len(prompt_ids), context=self._context)
@@ -321,6 +322,8 @@ class OpenAIIngress:
             return error_response(ticket, "none")
         path = ticket.plan.path
         deadline = time.monotonic() + self._config.routing.request_timeout_s
+        hops = {"ingress_received": t_start, "ingress_parsed": t_parsed,
+                "ingress_sent": time.perf_counter()}
         try:
             stream = self._decode.options(stream=True).generate.remote(request, path,
                                                                        ticket.plan)
@@ -338,7 +341,7 @@ class OpenAIIngress:
                                   num_prompt_tokens=request.num_prompt_tokens,
                                   tokenizer=self._tokenizer,
                                   want_logprobs=params.logprobs is not None)
-        items = self._items(first, stream, processor, path, t_start, builder, ticket, deadline)
+        items = self._items(first, stream, processor, path, hops, builder, ticket, deadline)
         headers = {PATH_HEADER: path}
         if body.stream:
             return StreamingResponse(self._sse(items, builder, body.include_usage),
@@ -352,9 +355,13 @@ class OpenAIIngress:
         return JSONResponse(whole, headers=headers)
 
     async def _items(self, first: StreamItem, stream, processor: OutputProcessor, path: str,
-                     t_start: float, builder: ResponseBuilder, ticket: Ticket | None = None,
-                     deadline: float | None = None) -> AsyncIterator[tuple]:
-        """(delta, error) pairs of the request; cancels the decode stream on an early exit."""
+                     hops: dict[str, float], builder: ResponseBuilder,
+                     ticket: Ticket | None = None, deadline: float | None = None
+                     ) -> AsyncIterator[tuple]:
+        """(delta, error) pairs of the request; cancels the decode stream on an early exit.
+        ``hops``: the ingress's own ``time.perf_counter()`` marks of the request, from
+        ``ingress_received``; they join decode's wall-clock marks as wall-clock times."""
+        t_start = hops["ingress_received"]
         item, status, t_first, t_first_wall = first, "200", None, 0.0
         try:
             while True:
@@ -367,7 +374,7 @@ class OpenAIIngress:
                     builder.timing = item.timing
                     if t_first is not None:  # the ingress's own hops join decode's marks
                         builder.timing.setdefault("marks", {}).update(
-                            ingress_received=t_first_wall - (t_first - t_start),
+                            {name: t_first_wall - (t_first - t) for name, t in hops.items()},
                             ingress_token0=t_first_wall)
                 delta = processor.push(item.token, item.finish_reason if item.finished else None)
                 yield delta, item.error

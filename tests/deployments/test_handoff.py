@@ -106,8 +106,9 @@ def test_token_0_arrives_while_the_kv_transfer_is_in_flight(handoff_app):
     # Token 0's path, hop by hop, on the wall clock of this one machine: in order, and the
     # prefill worker's share is the queue and prefill the breakdown reports.
     marks = timing["marks"]
-    path = ["ingress_received", "decode_received", "decode_reserved", "prefill_received",
-            "prefill_started", "prefill_token0", "decode_token0", "ingress_token0"]
+    path = ["ingress_received", "ingress_parsed", "ingress_sent", "decode_received",
+            "decode_reserved", "prefill_received", "prefill_started", "prefill_token0",
+            "decode_token0", "ingress_token0"]
     times = [marks[m] for m in path]
     assert times == sorted(times), marks
     prefill_worker_s = marks["prefill_token0"] - marks["prefill_received"]
