@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -74,12 +75,11 @@ def versions() -> dict[str, str]:
             out["cudnn"] = str(torch.backends.cudnn.version())
     except ImportError:
         pass
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
+    for package in ("triton", "ray", "orjson"):  # installed ones, read without importing
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return out
 
 

@@ -2,7 +2,9 @@
 # One GPU-machine session for the served path: the GPU test of cuda_ipc between two Serve
 # replicas (TESTS=1), benchmarks/kv_handoff.py for the backends in $BACKENDS (HANDOFF=1; the
 # engine-alone columns unless SKIP_ENGINE=1), benchmarks/served_decode.py (SERVED_DECODE=1).
-# Run from the repo root with the .whl set carried (../shared/GPU.md); logs and JSON go to $OUT.
+# Run from the repo root with the .whl set carried: `EXTRA_WHEELS=orjson==3.13.0
+# ../shared/tools/gpu-wheels.sh .whl` (orjson: the ingress parses bodies with it, when installed,
+# as pyproject asks; ../shared/GPU.md). Logs and JSON go to $OUT.
 # The machine has no .git: pass the commit in DISAGG_COMMIT (DISAGG_DIRTY=1 if dirty).
 set -uo pipefail
 OUT=${OUT:-gpu_out}

@@ -15,7 +15,11 @@ from disagg.sampling import RequestSeed, SamplingParams
 def validate_prompt(prompt_ids: Sequence[int], *, vocab_size: int) -> None:
     if len(prompt_ids) == 0:
         raise InvalidRequestError("the prompt is empty", param="prompt")
-    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:  # one C pass each, then find it
+    if isinstance(prompt_ids, array) and prompt_ids.typecode == "q":  # one pass over the buffer
+        low, high = (int(v) for v in torch.aminmax(torch.frombuffer(prompt_ids, dtype=torch.int64)))
+    else:  # one C pass each
+        low, high = min(prompt_ids), max(prompt_ids)
+    if low < 0 or high >= vocab_size:  # then find the first bad one
         bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
         raise InvalidRequestError(
             f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
@@ -74,6 +78,11 @@ class EngineRequest:
     @classmethod
     def create(cls, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                *, vocab_size: int, context: int) -> EngineRequest:
+        if not (isinstance(prompt_token_ids, array) and prompt_token_ids.typecode == "q"):
+            try:  # the buffer first: it is checked in one pass (a 32K prompt: 0.9 ms, not 2)
+                prompt_token_ids = array("q", prompt_token_ids)
+            except OverflowError:  # an id past int64: refused below, as any outside the vocab
+                pass
         validate_prompt(prompt_token_ids, vocab_size=vocab_size)
         max_tokens = resolve_max_tokens(len(prompt_token_ids), params.max_tokens, context=context)
         return cls(request_id, prompt_token_ids, params, max_tokens,

@@ -113,3 +113,38 @@ def test_json_depth_and_constants():
                 b"[" * 100_000, b'{"a": NaN}', b'{"a": "\xc3\x28"}', b"[]"):
         with pytest.raises(InvalidRequestError):
             decode_json_body(raw)
+
+
+BODIES = (b'{"model": "m", "prompt": [1, 2, 3], "temperature": 0.7, "stop": ["\\u00e9"]}',
+          b'{"a": {"b": [true, false, null, -1.5e3, "\\ud83d\\ude00", {}]}, "a": 2}',
+          b'{"prompt": "\\ud800"}',  # a lone surrogate: orjson refuses it, json takes it
+          b'{"seed": 123456789012345678901234567890}')
+
+
+@pytest.mark.parametrize("with_orjson", [True, False])
+def test_json_bodies_parse_as_the_standard_parser_reads_them(with_orjson, monkeypatch):
+    """orjson's fast path gives the standard parser's value, except an integer past 64 bits
+    (a float there); without orjson the standard parser does it all."""
+    import json
+
+    from disagg.openai import protocol
+
+    if not with_orjson:
+        monkeypatch.setattr(protocol, "orjson", None)
+    else:
+        assert protocol.orjson is not None, "orjson is a dependency: the fast path must run"
+    for raw in BODIES[:3]:
+        assert protocol.decode_json_body(raw) == json.loads(raw)
+    seed = protocol.decode_json_body(BODIES[3])["seed"]
+    assert seed == (1.2345678901234568e29 if with_orjson else 123456789012345678901234567890)
+    assert type(seed) is (float if with_orjson else int)
+    long = b'{"prompt": [' + b", ".join(b"%d" % i for i in range(40_000)) + b"]}"
+    assert protocol.decode_json_body(long)["prompt"] == list(range(40_000))
+
+
+def test_a_seed_past_int64_is_a_400_whatever_parses_it():
+    for seed in (1 << 63, 1e30, -(1 << 63) - 1):
+        with pytest.raises(ValidationError) as info:
+            CompletionRequest(model="m", prompt=[1], seed=seed)
+        assert from_exception(info.value).param == "seed"
+    assert CompletionRequest(model="m", prompt=[1], seed=(1 << 63) - 1).seed == (1 << 63) - 1
