@@ -21,6 +21,7 @@ replica (its rank actors are owned by it and die with it; ``shutdown`` kills the
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
@@ -107,7 +108,13 @@ class SPRankActor:
         self.sp = _join(self.rank, self.world, init_method, self.device, self.engine)
 
     def warm_up(self, request: EngineRequest) -> None:
+        """The group's start-up prefill: the last thing before the group serves. Then, as Serve
+        does for its replicas (``RAY_SERVE_FREEZE_GC_ON_STARTUP``) but not for actors like this
+        one: collect, and freeze the start-up heap, so no full collection inside a request
+        walks the model and modules (a pause here would hold every rank at a collective)."""
         self.sp.prefill(request)
+        gc.collect()
+        gc.freeze()
 
     def register(self, export: CudaIpcExport) -> None:
         ipc = self.engine.senders.get(CUDA_IPC)

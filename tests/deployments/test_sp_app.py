@@ -5,6 +5,7 @@ app of this test session; a rank that dies gets its replica replaced by a whole 
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 
@@ -60,6 +61,15 @@ def test_sp2_streams_the_same_greedy_text_as_sp1(serve_app, sp_app):
     sp2_path, sp2_text = stream_chat(sp_app)
     assert sp1_path == sp2_path == "disaggregated"
     assert sp2_text == sp1_text and sp1_text
+
+
+def test_every_rank_actor_froze_its_start_up_heap(sp_app):
+    """Serve freezes its replicas' start-up heaps; a rank actor is no replica, so it freezes
+    its own after the group's warm-up (``SPRankActor.warm_up``)."""
+    (rank,) = alive_rank_actors()
+    actor = ray.get_actor(rank["Name"], namespace=RANK_NAMESPACE)
+    frozen = ray.get(actor.__ray_call__.remote(lambda _: gc.get_freeze_count()), timeout=30)
+    assert frozen > 10_000, frozen  # torch and the model: far more than this
 
 
 @pytest.mark.slow
