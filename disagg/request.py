@@ -12,10 +12,15 @@ from disagg.errors import ContextLengthError, InvalidRequestError
 from disagg.sampling import RequestSeed, SamplingParams
 
 
+def _is_id_buffer(ids: Sequence[int]) -> bool:
+    """Whether ``ids`` is already the int64 ``array`` an ``EngineRequest`` holds."""
+    return isinstance(ids, array) and ids.typecode == "q"
+
+
 def validate_prompt(prompt_ids: Sequence[int], *, vocab_size: int) -> None:
     if len(prompt_ids) == 0:
         raise InvalidRequestError("the prompt is empty", param="prompt")
-    if isinstance(prompt_ids, array) and prompt_ids.typecode == "q":  # one pass over the buffer
+    if _is_id_buffer(prompt_ids):  # one pass over the buffer
         low, high = (int(v) for v in torch.aminmax(torch.frombuffer(prompt_ids, dtype=torch.int64)))
     else:  # one C pass each
         low, high = min(prompt_ids), max(prompt_ids)
@@ -63,9 +68,8 @@ class EngineRequest:
     seed: int  # resolved: the user's or one drawn at creation
 
     def __post_init__(self):
-        ids = self.prompt_token_ids
-        if not (isinstance(ids, array) and ids.typecode == "q"):
-            object.__setattr__(self, "prompt_token_ids", array("q", ids))
+        if not _is_id_buffer(self.prompt_token_ids):
+            object.__setattr__(self, "prompt_token_ids", array("q", self.prompt_token_ids))
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -78,7 +82,7 @@ class EngineRequest:
     @classmethod
     def create(cls, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
                *, vocab_size: int, context: int) -> EngineRequest:
-        if not (isinstance(prompt_token_ids, array) and prompt_token_ids.typecode == "q"):
+        if not _is_id_buffer(prompt_token_ids):
             try:  # the buffer first: it is checked in one pass (a 32K prompt: 0.9 ms, not 2)
                 prompt_token_ids = array("q", prompt_token_ids)
             except OverflowError:  # an id past int64: refused below, as any outside the vocab

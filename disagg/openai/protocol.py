@@ -229,8 +229,8 @@ def decode_json_body(raw: bytes) -> dict:
 
 
 def _loads_fast(raw: bytes) -> object | None:
-    """The parsed body, or None when orjson is missing or refuses it (``null`` is no body
-    either: not a JSON object)."""
+    """The parsed body, or None when orjson is missing or refuses it (a body of ``null``
+    also gives None: the standard parser then reads it, and it is refused as no object)."""
     if orjson is None:
         return None
     try:
