@@ -5,9 +5,12 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
 1. Engine alone, before Ray starts: the decode step at batch 1 and the TPOT context
    (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
 2. The Serve app: right after it is ready (and the client's connection opened on the proxy's
-   ``/-/healthz``), three ``--long`` prompts one after the other (TTFT
-   and the server's breakdown of each, with token 0's hops from the breakdown's wall-clock
-   marks and the client's own: the first must pay no compilation), then
+   ``/-/healthz``), ``--long`` prompts one at a time, each after the idle seconds
+   ``--long-idle`` names for it (default 0,0,5,0,20,0: the first right after ready, the second
+   back to back, then the same pair after 5 s and after 20 s of idle). TTFT and the server's
+   breakdown of each, with token 0's hops from the breakdown's wall-clock marks and the
+   client's own: the first must pay no compilation, and a request after idle shows whether
+   what the first pays is first use or idle. Then
    ``--requests`` streamed requests one at a time with ``--context`` prompt tokens and
    ``--max-tokens`` generated: TPOT = (last chunk - first chunk) / (tokens - 1), median.
 
@@ -77,11 +80,16 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("deployments/prefill_decode_1gpu.yaml"))
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--long", type=int, default=32768)
+    parser.add_argument("--long-idle", default="0,0,5,0,20,0",
+                        help="idle seconds before each --long request, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--port", type=int, default=8123)
     add_provenance_args(parser)
     args = parser.parse_args()
+    long_idle = [float(x) for x in args.long_idle.split(",")]
+    if len(long_idle) < 2:
+        parser.error("--long-idle needs at least two requests (the first and the second)")
     import ray
     from ray import serve
 
@@ -111,10 +119,11 @@ def main() -> None:
         # first request with its second, not a TCP connect with a kept-alive connection.
         client.get(f"{url}/-/healthz", timeout=30).raise_for_status()
         long_timing: list = []
-        long_ttft = [stream(client, url, config.model_name,
-                            torch.randint(0, vocab, (args.long,), generator=g).tolist(), 2,
-                            long_timing)[0]
-                     for _ in range(3)]
+        long_ttft = []
+        for idle in long_idle:
+            ids = torch.randint(0, vocab, (args.long,), generator=g).tolist()
+            time.sleep(idle)
+            long_ttft.append(stream(client, url, config.model_name, ids, 2, long_timing)[0])
         tpot = []
         for _ in range(args.requests):
             _, times = stream(client, url, config.model_name,
@@ -126,14 +135,19 @@ def main() -> None:
     row = {"context_tokens": args.context, "max_tokens": args.max_tokens,
            "engine_itl_ms": engine_itl_ms, "http_tpot_ms": statistics.median(tpot) * 1e3,
            "first_long_ttft_s": long_ttft[0], "second_long_ttft_s": long_ttft[1],
-           "third_long_ttft_s": long_ttft[2], "long_disagg_timing": long_timing,
+           "long_ttft_s": long_ttft, "long_idle_s": long_idle, "long_disagg_timing": long_timing,
            "long_hops_ms": [hops_ms(t.get("marks", {})) for t in long_timing],
            "long_tokens": args.long, "requests": args.requests}
     row["tpot_over_itl_ms"] = row["http_tpot_ms"] - row["engine_itl_ms"]
     write_results("served_decode", [row], commit=args.commit, dirty=args.dirty, out=args.out)
     print_table([row], ["engine_itl_ms", "http_tpot_ms", "tpot_over_itl_ms", "first_long_ttft_s",
                         "second_long_ttft_s"])
-    for hop in row["long_hops_ms"][0]:  # where the first long request's time went
+    print(f"{'idle before (s)':36s}" + "".join(f"{i:10.1f}" for i in long_idle))
+    print(f"{'TTFT (ms)':36s}" + "".join(f"{t * 1e3:10.2f}" for t in long_ttft))
+    print(f"{'outside the prefill (ms)':36s}"
+          + "".join(f"{(t - s.get('prefill_s', float('nan'))) * 1e3:10.2f}"
+                    for t, s in zip(long_ttft, long_timing, strict=True)))
+    for hop in row["long_hops_ms"][0]:  # where each long request's time went
         print(f"{hop:36s}" + "".join(f"{h.get(hop, float('nan')):10.2f}"
                                      for h in row["long_hops_ms"]))
 
