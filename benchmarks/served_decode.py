@@ -34,6 +34,7 @@ import torch
 from benchmarks.common import add_provenance_args, print_table, write_results
 from benchmarks.kv_handoff import app_args
 from deployments.config import AppConfig
+from deployments.serve_env import set_process_env
 
 
 def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_tokens: int,
@@ -107,6 +108,7 @@ def main() -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
+    set_process_env()  # what `make serve` gives Serve's proxy (deployments/serve_env.py)
     ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})

@@ -46,6 +46,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
+from deployments.serve_env import set_process_env
 from disagg.errors import DisaggError
 
 _POLL_S = 0.2
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     signals = _Signals()
     started_ray = not ray.is_initialized()
     if started_ray:
+        if _starts_local_ray(args.address):
+            set_process_env()  # inherited by Serve's proxy (deployments/serve_env.py)
         ray.init(address=args.address, namespace="serve")
     # Installed after ray.init, which sets a SIGTERM handler of its own on drivers.
     signals.install()

@@ -1,0 +1,34 @@
+"""Environment that Serve reads once per process, at import, and that this app sets for every
+process on a request's path: the HTTP proxy (through the Ray instance the launcher starts)
+and every replica (through its ``runtime_env``).
+
+Each Serve router (the proxy's, and each replica's handle to the next role) routes on the
+queue length each replica last reported, trusted for ``RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S``
+(Serve's default: 10 s). Past that, the next request first asks the replica for its queue
+length and waits for the answer: one more round trip on each hop, proxy -> ingress ->
+decode -> prefill. Long-prompt traffic is sparse: on one H200, a 32K request after 20 s of
+idle spent 4-13 ms more outside its prefill than the request right after it (RESULTS.md). Every
+request a replica accepts reports its queue length again, and a replica that is full rejects
+the request, which the router then sends elsewhere. An old entry therefore costs at most a
+less even pick at low load, never a request sent to a full replica, so the entries are
+trusted for ``QUEUE_LENGTH_CACHE_S``. A value set in the environment wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+QUEUE_LENGTH_CACHE_ENV = "RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S"
+QUEUE_LENGTH_CACHE_S = 600.0
+
+
+def serve_env() -> dict[str, str]:
+    """The variables and their values: this process's own where set, else ours."""
+    return {QUEUE_LENGTH_CACHE_ENV: os.environ.get(QUEUE_LENGTH_CACHE_ENV,
+                                                   f"{QUEUE_LENGTH_CACHE_S:g}")}
+
+
+def set_process_env() -> None:
+    """Put ``serve_env()`` into this process's environment, before it starts a Ray instance:
+    every process that instance starts (Serve's controller and proxy among them) inherits it."""
+    os.environ.update(serve_env())
