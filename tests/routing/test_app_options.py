@@ -3,6 +3,9 @@ autoscaling policy scales on the replicas' load as it says. No Ray cluster is st
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -15,6 +18,7 @@ from deployments.decode_server import DecodeServer
 from deployments.ingress import OpenAIIngress
 from deployments.prefill_server import PrefillServer
 from deployments.router import DECODE, PREFILL, DisaggRequestRouter, LoadAutoscalingPolicy
+from deployments.serve_env import QUEUE_LENGTH_CACHE_ENV, QUEUE_LENGTH_CACHE_S
 
 ARGS = {"model": "random:tiny-llama",
         "prefill": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}},
@@ -78,3 +82,29 @@ def test_prefill_pools_each_with_its_sp_and_deployment():
         AppConfig.model_validate({"prefill_pools": [{"name": "a"}, {"name": "a"}]})
     with pytest.raises(ValidationError):
         AppConfig.model_validate({"routing": {"max_queue_wait_s": 60, "request_timeout_s": 30}})
+
+
+def test_every_replica_trusts_queue_lengths_for_our_staleness(monkeypatch):
+    monkeypatch.delenv(QUEUE_LENGTH_CACHE_ENV, raising=False)
+    config = AppConfig.model_validate({"model": "random:tiny-llama", "gpu_peer_access": True,
+                                       "prefill": {"num_gpus": 1}, "decode": {"num_gpus": 1}})
+    for settings in (config.prefill, config.decode, config.ingress):
+        env = _options(settings, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert env[QUEUE_LENGTH_CACHE_ENV] == "600"
+    prefill_env = _options(config.prefill, config)["ray_actor_options"]["runtime_env"]
+    assert prefill_env["env_vars"]["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv(QUEUE_LENGTH_CACHE_ENV, "10")  # the operator's own value wins
+    env = _options(config.decode, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env[QUEUE_LENGTH_CACHE_ENV] == "10"
+
+
+def test_serve_reads_the_staleness_we_set_in_a_process_it_starts():
+    """A fresh process, as Ray starts one with our environment: Serve's queue-length cache
+    there uses our staleness (fails if Serve renames or stops reading the variable)."""
+    code = ("from deployments.serve_env import set_process_env; set_process_env(); "
+            "from ray.serve._private.request_router.common import ReplicaQueueLengthCache; "
+            "print(ReplicaQueueLengthCache()._staleness_timeout_s)")
+    env = {k: v for k, v in os.environ.items() if k != QUEUE_LENGTH_CACHE_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert float(out.stdout.strip()) == QUEUE_LENGTH_CACHE_S
