@@ -75,7 +75,8 @@ def versions() -> dict[str, str]:
             out["cudnn"] = str(torch.backends.cudnn.version())
     except ImportError:
         pass
-    for package in ("triton", "ray", "orjson"):  # installed ones, read without importing
+    # Installed ones, read without importing; flash-attn-4 decides the dense-kernel pick.
+    for package in ("triton", "ray", "orjson", "flash-attn-4"):
         try:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
