@@ -227,38 +227,6 @@ def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head
     return timings
 
 
-def untuned_warmup_lengths(max_tokens: int) -> list[int]:
-    """``warm_untuned``'s lengths: one short of each power of two from ``MIN_TUNED_TOKENS``
-    up, then ``max_tokens`` itself."""
-    lengths, n = [], MIN_TUNED_TOKENS
-    while n - 1 < max_tokens:
-        lengths.append(n - 1)
-        n *= 2
-    return lengths + ([max_tokens] if max_tokens >= MIN_TUNED_TOKENS else [])
-
-
-def warm_untuned(device: torch.device, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, max_tokens: int) -> list[int]:
-    """Run the kernel of every untuned bucket from ``MIN_TUNED_TOKENS`` to ``max_tokens``
-    (cuDNN, as ``kernel_for`` picks it) once, one token short of the bucket's top (a length
-    no benchmark prompt has, so none finds its own plan built), and return those lengths.
-    With nothing to tune (FA4 absent) no long square ran before ready, and the first long
-    prompt paid what cuDNN compiles for long shapes on its first call in the process; a new
-    length's own plan is still paid per prompt (module doc)."""
-    if device.type != "cuda":
-        return []
-    lengths = [n for n in untuned_warmup_lengths(max_tokens)
-               if _CHOICES.get(ShapeKey(bucket(n), num_heads, num_kv_heads, head_dim, dtype))
-               is None]
-    for tokens in lengths:
-        q, k, v = _random_qkv(tokens, num_heads, num_kv_heads, head_dim, device, dtype)
-        causal_square(q, k, v, None)
-        del q, k, v
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    return lengths
-
-
 def reset_choices() -> None:
     """Forget every tuned choice (tests)."""
     _CHOICES.clear()

@@ -5,8 +5,6 @@ Life of a warm-up (``warm_up_prefill``, called once by the server before it repo
    imports) per length bucket of the dense causal square and keeps the cheaper for a prompt
    of the engine's dense layers (``num_dense_layers``: a kernel's first call at a new length
    is paid once per prompt, its steady time once per dense layer); FA4 compiles there.
-   Without FA4 there is nothing to time, and ``warm_untuned`` runs cuDNN once per bucket
-   length instead: on a fresh machine its first long call in a process took ~0.5 s.
 1. A short dense prefill: cuBLAS handles, cuDNN attention, the fused norm / RoPE / SiLU
    kernels (their row counts are not specialized, so one length compiles them for all).
 2. With TriangleMix on CUDA, one prefill per Triton *specialization class* of the Triangle
@@ -25,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from disagg.attention.dense_backends import Timing, tune_causal, warm_untuned
+from disagg.attention.dense_backends import Timing, tune_causal
 from disagg.attention.metadata import AttentionKind
 from disagg.prefill.engine import PrefillEngine
 from disagg.request import EngineRequest
@@ -54,10 +52,6 @@ def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
             engine.device, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim, dtype=engine.layout.dtype, max_tokens=context - 1,
             calls_per_prompt=lambda n: num_dense_layers(engine, n)))
-        if not dense_kernels:  # nothing to time against cuDNN: still run it at long lengths
-            warm_untuned(engine.device, num_heads=config.num_heads,
-                         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                         dtype=engine.layout.dtype, max_tokens=context - 1)
     lengths = [min(DENSE_WARMUP_TOKENS, context - 1)]
     if engine.device.type == "cuda" and engine.trianglemix is not None:
         lengths += triangle_warmup_lengths(engine, max_tokens=context - 1)

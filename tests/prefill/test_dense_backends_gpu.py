@@ -78,13 +78,3 @@ def test_tuned_choice_routes_dense_attention(fa4, monkeypatch):
     names = " ".join(e.name.lower() for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
     assert ("cudnn" in names) == (winner == "cudnn"), names
-
-
-def test_warm_untuned_runs_cudnn_at_each_untuned_length():
-    db.reset_choices()
-    lengths = db.warm_untuned(torch.device("cuda"), num_heads=32, num_kv_heads=8, head_dim=128,
-                              dtype=torch.bfloat16, max_tokens=20000)
-    assert lengths == [4095, 8191, 16383, 20000]
-    assert db.choices() == {}  # nothing chosen: every bucket stays on cuDNN
-    q, k, _ = _qkv(8191, 32, 8, 128)
-    assert db.kernel_for(q, k) == "cudnn"

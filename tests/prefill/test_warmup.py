@@ -73,11 +73,3 @@ def test_warm_up_lengths_cover_every_specialization_class(name, params):
               max_tokens]:
         assert triangle_specialization(n, group, tiles, params) in covered, n
     assert len(lengths) == len(covered)  # one prefill per class, no more
-
-
-def test_untuned_cudnn_runs_below_every_power_of_two_and_at_the_longest_prompt():
-    from disagg.attention.dense_backends import untuned_warmup_lengths
-
-    assert untuned_warmup_lengths(131071) == [4095, 8191, 16383, 32767, 65535, 131071]
-    assert untuned_warmup_lengths(5000) == [4095, 5000]
-    assert untuned_warmup_lengths(4000) == []  # below the tuned lengths: milliseconds
