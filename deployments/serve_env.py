@@ -5,13 +5,14 @@ and every replica (through its ``runtime_env``).
 Each Serve router (the proxy's, and each replica's handle to the next role) routes on the
 queue length each replica last reported, trusted for ``RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S``
 (Serve's default: 10 s). Past that, the next request first asks the replica for its queue
-length and waits for the answer: one more round trip on each hop, proxy -> ingress ->
-decode -> prefill. Long-prompt traffic is sparse: on one H200, a 32K request after 20 s of
-idle spent 4-13 ms more outside its prefill than the request right after it (RESULTS.md). Every
-request a replica accepts reports its queue length again, and a replica that is full rejects
-the request, which the router then sends elsewhere. An old entry therefore costs at most a
-less even pick at low load, never a request sent to a full replica, so the entries are
-trusted for ``QUEUE_LENGTH_CACHE_S``. A value set in the environment wins.
+length and waits for the answer: one more round trip on that hop. Long-prompt traffic is
+sparse. On one H200, a 32K request after 12-15 s of idle had its decode -> prefill hop take
++2.0 ms over the request right after it at 10 s, and +0.5 ms at 600 s; its ingress -> decode
+hop +0.3 ms at 10 s and +0.0 ms at 600 s (6 samples each, RESULTS.md). Every request a
+replica accepts reports its queue length again, and a replica that is full rejects the
+request, which the router then sends elsewhere. An old entry therefore costs at most a less
+even pick at low load, never a request sent to a full replica, so the entries are trusted for
+``QUEUE_LENGTH_CACHE_S``. A value set in the environment wins.
 """
 
 from __future__ import annotations
