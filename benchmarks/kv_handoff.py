@@ -31,6 +31,7 @@ import yaml
 
 from benchmarks.common import add_provenance_args, print_table, write_results
 from deployments.config import AppConfig
+from deployments.serve_env import set_process_env
 
 COLUMNS = ["context_tokens", "backend", "engine_ttft_s", "served_ttft_s", "server_prefill_s",
            "exposed_ms", "token0_to_token1_s", "engine_decode_step_ms", "gbps"]
@@ -156,6 +157,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     config = AppConfig.model_validate(app_args(args.config))
     engine = {} if args.skip_engine else engine_alone(config, lengths, args.engine_repeats)
+    set_process_env()  # what `make serve` gives Serve (deployments/serve_env.py)
     ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     rows = []

@@ -41,6 +41,7 @@ import httpx
 import yaml
 
 from benchmarks.common import RESULTS_DIR, add_provenance_args, write_results
+from deployments.serve_env import set_process_env
 
 YAML = Path(__file__).resolve().parents[1] / "deployments" / "prefill_decode.yaml"
 POLICY_YAML = YAML.with_name("prefill_decode_cpu_2prefill.yaml")
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     app_args = yaml.safe_load(YAML.read_text())["applications"][0]["args"]
     model = app_args["model"]
     port = _free_port()
+    set_process_env()  # what `make serve` gives Serve (deployments/serve_env.py)
     ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
              log_to_driver=False)
     rows = []
@@ -452,6 +454,7 @@ def main_policies(argv: list[str]) -> int:
              "round_robin_threshold": ROUND_ROBIN_THRESHOLD}
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    set_process_env()  # what `make serve` gives Serve (deployments/serve_env.py)
     ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False,
              log_to_driver=False)
     rows = []

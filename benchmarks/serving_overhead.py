@@ -21,6 +21,7 @@ import torch
 
 from benchmarks.common import add_provenance_args, print_table, write_results
 from deployments.config import AppConfig
+from deployments.serve_env import set_process_env
 from disagg.decode.config import DecodeConfig
 from disagg.decode.engine import DecodeEngine
 from disagg.models.loader import load_model, resolve_model
@@ -88,6 +89,7 @@ def main() -> None:
     engine = engine_alone(args.model, prompts, args.max_tokens, device)
 
     # Replicas must import this checkout and any carried packages, as this process does.
+    set_process_env()  # what `make serve` gives Serve (deployments/serve_env.py)
     ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})

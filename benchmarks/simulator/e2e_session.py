@@ -31,6 +31,7 @@ import yaml
 from benchmarks import serve as serve_cli
 from benchmarks.loadgen.workload import parse_lengths
 from benchmarks.simulator import costs
+from deployments.serve_env import set_process_env
 
 SETUPS = {
     # yaml, model override, prompt lengths (above the fixed threshold of 49151ac), outputs
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
+    set_process_env()  # what `make serve` gives Serve (deployments/serve_env.py)
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     try:
