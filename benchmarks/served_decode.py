@@ -5,12 +5,16 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
 1. Engine alone, before Ray starts: the decode step at batch 1 and the TPOT context
    (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
 2. The Serve app: right after it is ready (and the client's connection opened on the proxy's
-   ``/-/healthz``), ``--long`` prompts one at a time, each after the idle seconds
+   ``/-/healthz``), prompts of about ``--long`` tokens one at a time (a token shorter each:
+   as with users' prompts no length repeats, so none finds a cuDNN plan built for its
+   length by the one before), each after the idle seconds
    ``--long-idle`` names for it (default 0,0,5,0,20,0: the first right after ready, the second
    back to back, then the same pair after 5 s and after 20 s of idle). TTFT and the server's
    breakdown of each, with token 0's hops from the breakdown's wall-clock marks and the
    client's own: the first must pay no compilation, and a request after idle shows whether
-   what the first pays is first use or idle. Then
+   what the first pays is first use or idle. Then one prompt of each ``--short`` length, one
+   at a time (lengths no earlier prompt had, short enough that decode prefills them itself:
+   what a chat user sends), TTFT each. Then
    ``--requests`` streamed requests one at a time with ``--context`` prompt tokens and
    ``--max-tokens`` generated: TPOT = (last chunk - first chunk) / (tokens - 1), median.
 
@@ -83,12 +87,15 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=32768)
     parser.add_argument("--long-idle", default="0,0,5,0,20,0",
                         help="idle seconds before each --long request, comma-separated")
+    parser.add_argument("--short", default="301,777,1501,2222,2999",
+                        help="prompt lengths of the short requests, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=5)
     parser.add_argument("--port", type=int, default=8123)
     add_provenance_args(parser)
     args = parser.parse_args()
     long_idle = [float(x) for x in args.long_idle.split(",")]
+    short = [int(x) for x in args.short.split(",") if x]
     if len(long_idle) < 2:
         parser.error("--long-idle needs at least two requests (the first and the second)")
     import ray
@@ -122,10 +129,14 @@ def main() -> None:
         client.get(f"{url}/-/healthz", timeout=30).raise_for_status()
         long_timing: list = []
         long_ttft = []
-        for idle in long_idle:
-            ids = torch.randint(0, vocab, (args.long,), generator=g).tolist()
+        for i, idle in enumerate(long_idle):  # a token shorter each: every length is new
+            ids = torch.randint(0, vocab, (args.long - i,), generator=g).tolist()
             time.sleep(idle)
             long_ttft.append(stream(client, url, config.model_name, ids, 2, long_timing)[0])
+        short_timing: list = []
+        short_ttft = [stream(client, url, config.model_name,
+                             torch.randint(0, vocab, (n,), generator=g).tolist(), 2,
+                             short_timing)[0] for n in short]
         tpot = []
         for _ in range(args.requests):
             _, times = stream(client, url, config.model_name,
@@ -139,7 +150,9 @@ def main() -> None:
            "first_long_ttft_s": long_ttft[0], "second_long_ttft_s": long_ttft[1],
            "long_ttft_s": long_ttft, "long_idle_s": long_idle, "long_disagg_timing": long_timing,
            "long_hops_ms": [hops_ms(t.get("marks", {})) for t in long_timing],
-           "long_tokens": args.long, "requests": args.requests}
+           "long_tokens": args.long, "short_tokens": short, "short_ttft_s": short_ttft,
+           "short_prefill_s": [t.get("prefill_s") for t in short_timing],  # None: local
+           "requests": args.requests}
     row["tpot_over_itl_ms"] = row["http_tpot_ms"] - row["engine_itl_ms"]
     write_results("served_decode", [row], commit=args.commit, dirty=args.dirty, out=args.out)
     print_table([row], ["engine_itl_ms", "http_tpot_ms", "tpot_over_itl_ms", "first_long_ttft_s",
@@ -149,6 +162,8 @@ def main() -> None:
     print(f"{'outside the prefill (ms)':36s}"
           + "".join(f"{(t - s.get('prefill_s', float('nan'))) * 1e3:10.2f}"
                     for t, s in zip(long_ttft, long_timing, strict=True)))
+    print(f"{'short prompt (tokens)':36s}" + "".join(f"{n:10d}" for n in short))
+    print(f"{'short TTFT (ms)':36s}" + "".join(f"{t * 1e3:10.2f}" for t in short_ttft))
     for hop in row["long_hops_ms"][0]:  # where each long request's time went
         print(f"{hop:36s}" + "".join(f"{h.get(hop, float('nan')):10.2f}"
                                      for h in row["long_hops_ms"]))

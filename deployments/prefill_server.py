@@ -74,7 +74,8 @@ class PrefillServer:
             self.engine = self._sp_group = SPGroupEngine.start(config, self.engine)
             logger.info("PrefillServer: SP group of %d ranks ready", settings.sp)
         else:
-            report = warm_up_prefill(self.engine)
+            # On the thread that serves prefills: cuDNN keeps its plans per thread.
+            report = self._executor.submit(warm_up_prefill, self.engine).result()
             logger.info("PrefillServer warm-up: prompts of %s tokens in %.1f s",
                         report.prompt_lengths, report.seconds)
             for timing in report.dense_kernels:

@@ -1,22 +1,25 @@
-"""Which kernel runs a prefill's dense causal square on CUDA: cuDNN (through torch's SDPA) or
-FlashAttention-4 (``flash-attn-4``, CuTe DSL; an optional package), chosen per shape by
-measurement.
+"""Which kernel runs a dense causal square on CUDA: cuDNN or FlashAttention-2 (both through
+torch's SDPA) or FlashAttention-4 (``flash-attn-4``, CuTe DSL; an optional package), chosen per
+shape by measurement.
 
 Life of a choice:
-1. At import every shape runs on cuDNN, the fastest kernel torch ships (no optional package).
-2. ``tune_causal`` (the prefill warm-up calls it on CUDA when FA4 imports) times both kernels
-   once per length bucket (powers of two) on random inputs of the model's head layout and
-   records the cheaper one for a prompt; FA4's JIT compilation happens there, before the
-   replica is ready. A prompt's cost counts its first call at a length apart: cuDNN builds a
-   plan for every new shape (tens of milliseconds, once per prompt, since a served prompt's
-   length is new), FA4 does not, so the cost of a kernel for a prompt of ``calls`` dense
-   layers is ``calls x steady + (first call - steady)``. Picking by steady time alone chose
-   cuDNN near a tie and made the first request after ready pay its plan.
+1. At import every shape runs on cuDNN, the fastest steady kernel torch ships.
+2. ``tune_causal`` (the prefill and decode warm-ups call it on CUDA) times every kernel this
+   process can run once per length bucket (powers of two, from ``MIN_TUNED_TOKENS``) on random
+   inputs of the model's head layout and records the cheapest for a prompt; FA4's JIT
+   compilation happens there, before the replica is ready. A prompt's cost counts its first
+   call at a length apart: cuDNN builds a plan for every new shape (45-80 ms on an H200, once
+   per prompt, since a served prompt's length is new; at 8K tokens its steady call is 1 ms),
+   the FlashAttention kernels do not, so the cost of a kernel for a prompt of ``calls`` dense
+   layers is ``calls x steady + (first call - steady)``. Short prompts therefore run FA2 or
+   FA4, long ones the kernel of least steady time.
 3. ``causal_square`` runs a tuned bucket's winner; an untuned bucket runs cuDNN.
-``DISAGG_DENSE_ATTENTION=cudnn|fa4`` forces one kernel for every shape (benchmarks, tests);
-``auto`` (the default) is the measured choice. A forced ``fa4`` without the package is an error.
-Tensors are ``[T, H, D]`` (token-major, the model's layout): FA4 takes them as they are, cuDNN
-through a transposed view.
+cuDNN's plans live in a per-thread cache (torch keeps them ``thread_local``): a warm-up builds
+them for the thread it runs on, so servers warm up on the thread that serves.
+``DISAGG_DENSE_ATTENTION=cudnn|flash|fa4`` forces one kernel for every shape (benchmarks,
+tests); ``auto`` (the default) is the measured choice. A forced ``fa4`` without the package is
+an error. Tensors are ``[T, H, D]`` (token-major, the model's layout): FA4 takes them as they
+are, SDPA through a transposed view.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from disagg.errors import DisaggError
 
-KERNELS = ("cudnn", "fa4")
+KERNELS = ("cudnn", "flash", "fa4")  # flash: FlashAttention-2 as torch ships it
 ENV_VAR = "DISAGG_DENSE_ATTENTION"
-MIN_TUNED_TOKENS = 4096  # below this the square is milliseconds: cuDNN, untuned
+MIN_TUNED_TOKENS = 256  # the smallest bucket: shorter prompts share its choice
 COMPILE_TOKENS = 1024  # the length every kernel first runs at in a tuning (its compilation)
 
 
@@ -84,8 +87,9 @@ _CHOICES: dict[ShapeKey, str] = {}
 
 
 def bucket(num_tokens: int) -> int:
-    """The power of two at or above ``num_tokens`` (the length bucket of a choice)."""
-    return 1 << max(num_tokens - 1, 1).bit_length()
+    """The length bucket of a choice: the power of two at or above ``num_tokens``, at least
+    ``MIN_TUNED_TOKENS``."""
+    return max(1 << max(num_tokens - 1, 1).bit_length(), MIN_TUNED_TOKENS)
 
 
 def _key(q: torch.Tensor, k: torch.Tensor) -> ShapeKey:
@@ -133,7 +137,8 @@ def causal_square(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                      causal=True)
         return (out[0] if isinstance(out, tuple) else out).squeeze(0)
     qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-    return sdpa_cudnn(qh, kh, vh, scale).squeeze(0).transpose(0, 1)
+    sdpa = sdpa_flash if kernel == "flash" else sdpa_cudnn
+    return sdpa(qh, kh, vh, scale).squeeze(0).transpose(0, 1)
 
 
 def sdpa_cudnn(qh, kh, vh, scale: float | None) -> torch.Tensor:
@@ -142,12 +147,21 @@ def sdpa_cudnn(qh, kh, vh, scale: float | None) -> torch.Tensor:
     process-wide priority order is never set. Setting it, even restored afterwards, slowed
     every later SDPA user of the process: transformers' 128K prefill took 16.97 s after our
     warm-up against 11.58 s before it (torch 2.11, H200; its default dispatch ran cuDNN).
-    The flags are process-wide too: a prefill process runs its forwards from one thread."""
+    The flags are process-wide too: a process runs its forwards from one thread."""
+    return _sdpa_on(SDPBackend.CUDNN_ATTENTION, qh, kh, vh, scale)
+
+
+def sdpa_flash(qh, kh, vh, scale: float | None) -> torch.Tensor:
+    """Causal SDPA of ``[B, H, T, D]`` on torch's FlashAttention-2 (as ``sdpa_cudnn``)."""
+    return _sdpa_on(SDPBackend.FLASH_ATTENTION, qh, kh, vh, scale)
+
+
+def _sdpa_on(backend: SDPBackend, qh, kh, vh, scale: float | None) -> torch.Tensor:
     try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
                                                   enable_gqa=True)
-    except RuntimeError:  # no cuDNN kernel for this shape or dtype
+    except RuntimeError:  # no such kernel for this shape or dtype
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
                                               enable_gqa=True)
 
@@ -191,8 +205,10 @@ def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head
     yet (choices are process-wide: a second engine of the same heads measures nothing again)
     and record the one of least ``Timing.cost`` for a prompt of ``calls_per_prompt`` dense
     layers (a number, or a function of the prompt's length: which layers run dense can depend
-    on it); returns the new measurements (none when FA4 does not import). Every kernel runs
-    once first at a short length, so its compilation is not taken for a first-call cost. The
+    on it); returns the new measurements (none off CUDA, or with fewer than two ``kernels``
+    this process can run). Every kernel runs once first at a short length (its compilation),
+    and once at each bucket's length before the calls measured one token shorter: what a
+    length class compiles once per process is not taken for what every new prompt pays. The
     buffers of the measurements go back to the device when it ends."""
     kernels = [k for k in kernels if k != "fa4" or fa4_available()]
     if len(kernels) < 2 or device.type != "cuda":
@@ -212,13 +228,16 @@ def tune_causal(device: torch.device, *, num_heads: int, num_kv_heads: int, head
     timings = []
     for tokens in lengths:
         key = keys[tokens]
-        q, k, v = _random_qkv(tokens, num_heads, num_kv_heads, head_dim, device, dtype)
+        q, k, v = _random_qkv(max(tokens, 3), num_heads, num_kv_heads, head_dim, device, dtype)
+        for name in kernels:  # once per process: cuDNN's first 20K call took 0.6 s, fresh H200
+            causal_square(q, k, v, None, name)
+        q, k, v = q[:-1], k[:-1], v[:-1]  # a length no call had: what every new prompt pays
         first = {name: wall_seconds(causal_square, q, k, v, None, name)
                  for name in kernels}
         seconds = {name: time_call(causal_square, q, k, v, None, name, repeats=repeats)
                    for name in kernels}
         calls = calls_per_prompt(tokens) if callable(calls_per_prompt) else calls_per_prompt
-        timing = Timing(key, tokens, seconds, first, calls, winner="")
+        timing = Timing(key, q.shape[0], seconds, first, calls, winner="")
         winner = min(kernels, key=timing.cost)
         _CHOICES[key] = winner
         timings.append(replace(timing, winner=winner))

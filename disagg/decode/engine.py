@@ -179,4 +179,4 @@ class DecodeEngine:
         """Compile the decode kernels and capture the CUDA graphs of every decode batch size
         (nothing to do on CPU). Call once, before the engine takes requests: the first
         request then pays no compilation."""
-        self.runner.warm_up()
+        self.runner.warm_up(self.config.max_num_batched_tokens)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from disagg.attention.dense_backends import tune_causal
 from disagg.attention.paged import PagedAttention, PrefillSegment, SequenceSlice
 from disagg.decode.cuda_graphs import DecodeGraphs, DecodeInputs, graph_batch_sizes
 from disagg.decode.sampler import PendingSample, RowRequest, Sampler
@@ -75,12 +76,18 @@ class ModelRunner:
             inputs = DecodeInputs(cache, max_num_seqs)
             self.graphs = DecodeGraphs(model, inputs, graph_batch_sizes(max_num_seqs))
 
-    def warm_up(self) -> None:
-        """Compile every kernel a step runs and capture the CUDA graphs of every decode batch
-        size (CUDA; nothing to do on CPU). Without it pure-decode steps run the same forward
-        eagerly and the first step of each shape pays the compilation."""
+    def warm_up(self, max_prompt_chunk: int) -> None:
+        """Compile every kernel a step runs, pick the dense kernel of a prompt's first chunk
+        (every layer's causal square, up to ``max_prompt_chunk`` tokens) by measurement, and
+        capture the CUDA graphs of every decode batch size (CUDA; nothing to do on CPU).
+        Without it pure-decode steps run the same forward eagerly and the first step of each
+        shape pays the compilation, and every local prompt cuDNN's plan for its length."""
         if self.graphs is None:
             return
+        config = self.model.config
+        tune_causal(self.device, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                    head_dim=config.head_dim, dtype=self.cache.layout.dtype,
+                    max_tokens=max_prompt_chunk, calls_per_prompt=config.num_layers)
         # Mixed batches run eagerly: both specializations of the store kernel's token count
         # (multiple of 16 or not), decode rows and a fresh prompt segment.
         for num_tokens in (15, 16):

@@ -1,10 +1,10 @@
 """Warm-up of a prefill engine: compile every kernel a served prefill runs, before ready.
 
 Life of a warm-up (``warm_up_prefill``, called once by the server before it reports ready):
-0. On CUDA, ``dense_backends.tune_causal`` times cuDNN against FlashAttention-4 (when it
-   imports) per length bucket of the dense causal square and keeps the cheaper for a prompt
-   of the engine's dense layers (``num_dense_layers``: a kernel's first call at a new length
-   is paid once per prompt, its steady time once per dense layer); FA4 compiles there.
+0. On CUDA, ``dense_backends.tune_causal`` times cuDNN, FlashAttention-2 and FlashAttention-4
+   (when it imports) per length bucket of the dense causal square and keeps the cheapest for
+   a prompt of the engine's dense layers (``num_dense_layers``: a kernel's first call at a new
+   length is paid once per prompt, its steady time once per dense layer); FA4 compiles there.
 1. A short dense prefill: cuBLAS handles, cuDNN attention, the fused norm / RoPE / SiLU
    kernels (their row counts are not specialized, so one length compiles them for all).
 2. With TriangleMix on CUDA, one prefill per Triton *specialization class* of the Triangle

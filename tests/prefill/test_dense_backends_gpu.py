@@ -1,6 +1,7 @@
-"""The dense-attention kernels on CUDA: FlashAttention-4 against an fp32 reference and against
-cuDNN (same bound as every bf16 kernel), strided views of a packed qkv, and the tuned choice
-routing ``dense_attention``. Skipped where ``flash-attn-4`` is not installed."""
+"""The dense-attention kernels on CUDA: FlashAttention-2 and -4 against an fp32 reference and
+against cuDNN (same bound as every bf16 kernel), strided views of a packed qkv, and the tuned
+choice routing ``dense_attention``. The FA4 tests skip where ``flash-attn-4`` is not
+installed."""
 
 from __future__ import annotations
 
@@ -32,12 +33,32 @@ def _reference(q, k, v):
 
 
 @pytest.fixture
-def fa4():
-    if not db.fa4_available():
-        pytest.skip("flash-attn-4 is not installed")
+def clean():
     db.reset_choices()
     yield
     db.reset_choices()
+
+
+@pytest.fixture
+def fa4(clean):
+    if not db.fa4_available():
+        pytest.skip("flash-attn-4 is not installed")
+
+
+@pytest.mark.parametrize("n, hq, hkv, d", [(4096, 32, 8, 128), (3000, 9, 3, 64),
+                                           (777, 32, 8, 128)])
+def test_fa2_matches_fp32_and_cudnn(clean, n, hq, hkv, d):
+    q, k, v = _qkv(n, hq, hkv, d)
+    out = db.causal_square(q, k, v, None, "flash")
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert rel_rms(out, _reference(q, k, v)) < KERNEL_REL_RMS
+    assert rel_rms(out, db.causal_square(q, k, v, None, "cudnn")) < KERNEL_REL_RMS
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        db.causal_square(q, k, v, None, "flash")
+        torch.cuda.synchronize()
+    names = " ".join(e.name.lower() for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    assert "flash" in names and "cudnn" not in names, names  # not a fallback
 
 
 @pytest.mark.parametrize("n, hq, hkv, d", [(4096, 32, 8, 128), (3000, 9, 3, 64),
@@ -60,13 +81,15 @@ def test_fa4_reads_strided_views_of_a_packed_qkv(fa4):
                                     "cudnn")) < KERNEL_REL_RMS
 
 
-def test_tuned_choice_routes_dense_attention(fa4, monkeypatch):
+def test_tuned_choice_routes_dense_attention(clean, monkeypatch):
     monkeypatch.delenv(db.ENV_VAR, raising=False)
     timings = db.tune_causal(torch.device("cuda"), num_heads=32, num_kv_heads=8, head_dim=128,
                              dtype=torch.bfloat16, max_tokens=8192, calls_per_prompt=16)
-    assert [t.key.bucket for t in timings] == [4096, 8192]
-    for t in timings:  # the winner is the cheaper prompt: 16 steady calls + the first's extra
-        assert set(t.seconds) == set(t.first_seconds) == {"cudnn", "fa4"} and t.calls == 16
+    assert [t.key.bucket for t in timings] == [256, 512, 1024, 2048, 4096, 8192]
+    kernels = {"cudnn", "flash"} | ({"fa4"} if db.fa4_available() else set())
+    for t in timings:  # the winner is the cheapest prompt: 16 steady calls + the first's extra
+        assert set(t.seconds) == set(t.first_seconds) == kernels and t.calls == 16
+        assert t.tokens == t.key.bucket - 1  # measured at a length no call had
         assert t.cost(t.winner) == min(t.cost(name) for name in t.seconds), t.as_row()
         assert all(t.first_seconds[name] > 0 for name in t.seconds)
     q, k, v = _qkv(8000, 32, 8, 128)
@@ -78,3 +101,4 @@ def test_tuned_choice_routes_dense_attention(fa4, monkeypatch):
     names = " ".join(e.name.lower() for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
     assert ("cudnn" in names) == (winner == "cudnn"), names
+    assert winner != "flash" or "flash" in names, names
