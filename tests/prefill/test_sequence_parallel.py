@@ -61,9 +61,10 @@ def request_for(n: int) -> EngineRequest:
                                 vocab_size=512, context=4096)
 
 
-def _rank_main(rank, world, port, pools, logits, outcomes):
+def _rank_main(rank, world, store_file, pools, logits, outcomes):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    # A file rendezvous: no port is picked here and bound later (another process can take it).
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
                             world_size=world)
     model, source = random_model("tiny-llama", seed=SEED)
     capture = LogitsCapture(model)
@@ -112,14 +113,6 @@ def _rank_main(rank, world, port, pools, logits, outcomes):
         outcomes[len(CASES) + world + rank] = True
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single_process():
     """Single-process prefill of every case: (KV, token 0's logits)."""
@@ -135,7 +128,7 @@ def single_process():
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["sp2", "sp3"])
-def sp_run(request, single_process):
+def sp_run(request, single_process, tmp_path_factory):
     world = request.param
     pools = []
     for (kv, _), (_, _, _, n) in zip(single_process, CASES):
@@ -144,7 +137,8 @@ def sp_run(request, single_process):
                             for _ in kv.k] for _ in range(2)))
     logits = torch.zeros(len(CASES), 512).share_memory_()
     outcomes = torch.zeros(len(CASES) + 2 * world, dtype=torch.bool).share_memory_()
-    mp.spawn(_rank_main, args=(world, _free_port(), pools, logits, outcomes), nprocs=world,
+    store_file = tmp_path_factory.mktemp(f"sp{world}") / "rendezvous"
+    mp.spawn(_rank_main, args=(world, store_file, pools, logits, outcomes), nprocs=world,
              join=True)
     return world, pools, logits, outcomes
 
