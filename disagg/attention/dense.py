@@ -1,8 +1,10 @@
 """Dense causal attention over absolute positions, through torch's SDPA.
 
-A whole causal square (a prefill's dense layers) on CUDA runs on the kernel that
-``dense_backends`` measured fastest for its shape: cuDNN by explicit choice (545-600 TFLOP/s
-causal on the H200; FA2 1.7x slower) or FlashAttention-4 where it is installed and faster.
+A whole causal square (a prefill's dense layers, a local prompt's first chunk) on CUDA runs on
+the kernel that ``dense_backends`` measured cheapest for a prompt of its length: cuDNN for long
+prompts (545-600 TFLOP/s causal on the H200; FA2 1.7x slower), FlashAttention-2 for short ones
+(cuDNN's plan for a new length costs more than it saves there), FlashAttention-4 where it is
+installed and cheaper.
 A query range against a longer key range (decode rows, chunks) needs a mask or lower-right
 causality: cuDNN runs those without tile skipping and rebuilds plans when the mask's shape
 changes, so they keep torch's default choice. Grouped-query attention is native
