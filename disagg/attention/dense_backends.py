@@ -14,8 +14,9 @@ Life of a choice:
    layers is ``calls x steady + (first call - steady)``. Short prompts therefore run FA2 or
    FA4, long ones the kernel of least steady time.
 3. ``causal_square`` runs a tuned bucket's winner; an untuned bucket runs cuDNN.
-cuDNN's plans live in a per-thread cache (torch keeps them ``thread_local``): a warm-up builds
-them for the thread it runs on, so servers warm up on the thread that serves.
+cuDNN's plans live in a per-thread cache (torch keeps them ``thread_local``, keyed by shape
+and strides): a plan built on one thread is built again on another, so the prefill server
+warms up on the thread that serves its prefills.
 ``DISAGG_DENSE_ATTENTION=cudnn|flash|fa4`` forces one kernel for every shape (benchmarks,
 tests); ``auto`` (the default) is the measured choice. A forced ``fa4`` without the package is
 an error. Tensors are ``[T, H, D]`` (token-major, the model's layout): FA4 takes them as they
