@@ -148,7 +148,8 @@ def sdpa_cudnn(qh, kh, vh, scale: float | None) -> torch.Tensor:
     process-wide priority order is never set. Setting it, even restored afterwards, slowed
     every later SDPA user of the process: transformers' 128K prefill took 16.97 s after our
     warm-up against 11.58 s before it (torch 2.11, H200; its default dispatch ran cuDNN).
-    The flags are process-wide too: a process runs its forwards from one thread."""
+    The flags are process-wide too: this assumes one forward at a time per process, as in the
+    servers (``disagg.inprocess`` runs prefill and decode on two threads and can race them)."""
     return _sdpa_on(SDPBackend.CUDNN_ATTENTION, qh, kh, vh, scale)
 
 

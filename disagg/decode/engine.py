@@ -176,7 +176,8 @@ class DecodeEngine:
         return self.scheduler.num_preemptions
 
     def warm_up(self) -> None:
-        """Compile the decode kernels and capture the CUDA graphs of every decode batch size
-        (nothing to do on CPU). Call once, before the engine takes requests: the first
-        request then pays no compilation."""
+        """Compile the decode kernels, pick the dense kernel of local prompt chunks by
+        measurement and capture the CUDA graphs of every decode batch size (nothing to do on
+        CPU). Call once, before the engine takes requests: the first request then pays no
+        compilation."""
         self.runner.warm_up(self.config.max_num_batched_tokens)

@@ -5,8 +5,9 @@ Life of a warm-up (``warm_up_prefill``, called once by the server before it repo
    (when it imports) per length bucket of the dense causal square and keeps the cheapest for
    a prompt of the engine's dense layers (``num_dense_layers``: a kernel's first call at a new
    length is paid once per prompt, its steady time once per dense layer); FA4 compiles there.
-1. A short dense prefill: cuBLAS handles, cuDNN attention, the fused norm / RoPE / SiLU
-   kernels (their row counts are not specialized, so one length compiles them for all).
+1. A short dense prefill: cuBLAS handles, the short bucket's attention kernel, the fused
+   norm / RoPE / SiLU kernels (their row counts are not specialized, so one length compiles
+   them for all).
 2. With TriangleMix on CUDA, one prefill per Triton *specialization class* of the Triangle
    kernel's launches. Triton compiles a variant per integer argument that equals 1 or is
    divisible by 16, so a prompt whose length, band-tile count or key-split count falls in a
