@@ -4,21 +4,24 @@ long request after ready against the second.
 One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1-8B, bf16):
 1. Engine alone, before Ray starts: the decode step at batch 1 and the TPOT context
    (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
-2. The Serve app: right after it is ready (and the client's connection opened on the proxy's
-   ``/-/healthz``), prompts of about ``--long`` tokens one at a time (a token shorter each:
-   as with users' prompts no length repeats, so none finds a cuDNN plan built for its
-   length by the one before), each after the idle seconds
-   ``--long-idle`` names for it (default 0,0,5,0,20,0: the first right after ready, the second
-   back to back, then the same pair after 5 s and after 20 s of idle). TTFT and the server's
-   breakdown of each, with token 0's hops from the breakdown's wall-clock marks and the
-   client's own: the first must pay no compilation, and a request after idle shows whether
-   what the first pays is first use or idle. Then one prompt of each ``--short`` length, one
-   at a time (lengths no earlier prompt had, short enough that decode prefills them itself:
-   what a chat user sends), TTFT each. Then
-   ``--requests`` streamed requests one at a time with ``--context`` prompt tokens and
-   ``--max-tokens`` generated: TPOT = (last chunk - first chunk) / (tokens - 1), median.
+2. ``--starts`` times (default 3), the Serve app started afresh (new replica processes; Ray,
+   the controller and the proxy stay): right after it is ready (and the client's connection
+   opened on the proxy's ``/-/healthz``), prompts of about ``--long`` tokens one at a time (a
+   token shorter each: as with users' prompts no length repeats, so none finds a cuDNN plan
+   built for its length by the one before), each after the idle seconds ``--long-idle`` names
+   for it (default 30,30,0: the first and the second after the same 30 s of idle, so the
+   first is compared with a request that waited as long, then one back to back: a request
+   after idle pays the idle path's cost whether it is first or not, ``benchmarks.host_idle``).
+   TTFT and the server's breakdown of each, with token 0's hops from the breakdown's
+   wall-clock marks and the client's own: the first must pay no compilation and no first use.
+   Then one prompt of each ``--short`` length, one at a time (lengths no earlier prompt of
+   that start had, short enough that decode prefills them itself: what a chat user sends),
+   TTFT each. After the last start's, ``--requests`` streamed requests one at a time with
+   ``--context`` prompt tokens and ``--max-tokens`` generated: TPOT = (last chunk - first
+   chunk) / (tokens - 1), median.
 
     python -m benchmarks.served_decode [--context 4096] [--max-tokens 64] [--requests 5]
+        [--starts 3] [--long-idle 30,30,0]
 """
 
 from __future__ import annotations
@@ -80,17 +83,40 @@ def hops_ms(marks: dict) -> dict[str, float]:
     return {f"{a}->{b}": (marks[b] - marks[a]) * 1e3 for a, b in pairwise(present)}
 
 
+def measure_start(client: httpx.Client, url: str, model: str, vocab: int,
+                  g: torch.Generator, long: int, long_idle: list[float],
+                  short: list[int]) -> dict:
+    """One app start's requests, right after it is ready: the long prompts (a token shorter
+    each, every length new) after their idle seconds, then the short ones; TTFT, the server's
+    breakdown and token 0's hops of each."""
+    long_timing: list = []
+    long_ttft = []
+    for i, idle in enumerate(long_idle):
+        ids = torch.randint(0, vocab, (long - i,), generator=g).tolist()
+        time.sleep(idle)
+        long_ttft.append(stream(client, url, model, ids, 2, long_timing)[0])
+    short_timing: list = []
+    short_ttft = [stream(client, url, model, torch.randint(0, vocab, (n,), generator=g).tolist(),
+                         2, short_timing)[0] for n in short]
+    return {"long_ttft_s": long_ttft, "long_disagg_timing": long_timing,
+            "long_hops_ms": [hops_ms(t.get("marks", {})) for t in long_timing],
+            "short_ttft_s": short_ttft,
+            "short_prefill_s": [t.get("prefill_s") for t in short_timing]}  # None: local
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("deployments/prefill_decode_1gpu.yaml"))
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--long", type=int, default=32768)
-    parser.add_argument("--long-idle", default="0,0,5,0,20,0",
+    parser.add_argument("--long-idle", default="30,30,0",
                         help="idle seconds before each --long request, comma-separated")
     parser.add_argument("--short", default="301,777,1501,2222,2999",
                         help="prompt lengths of the short requests, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=5)
+    parser.add_argument("--starts", type=int, default=3,
+                        help="app starts, each measured right after it is ready")
     parser.add_argument("--port", type=int, default=8123)
     add_provenance_args(parser)
     args = parser.parse_args()
@@ -119,55 +145,54 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(config), name="disagg", route_prefix="/")
     url, vocab = f"http://127.0.0.1:{args.port}", source.model_config().vocab_size
     g = torch.Generator().manual_seed(2)
+    starts, tpot = [], []
     with httpx.Client() as client:
         # The client's own connection is opened first, on the proxy's health route (answered
         # by the proxy, never by the app): the first timed request then compares the server's
         # first request with its second, not a TCP connect with a kept-alive connection.
         client.get(f"{url}/-/healthz", timeout=30).raise_for_status()
-        long_timing: list = []
-        long_ttft = []
-        for i, idle in enumerate(long_idle):  # a token shorter each: every length is new
-            ids = torch.randint(0, vocab, (args.long - i,), generator=g).tolist()
-            time.sleep(idle)
-            long_ttft.append(stream(client, url, config.model_name, ids, 2, long_timing)[0])
-        short_timing: list = []
-        short_ttft = [stream(client, url, config.model_name,
-                             torch.randint(0, vocab, (n,), generator=g).tolist(), 2,
-                             short_timing)[0] for n in short]
-        tpot = []
-        for _ in range(args.requests):
-            _, times = stream(client, url, config.model_name,
-                              torch.randint(0, vocab, (args.context,), generator=g).tolist(),
-                              args.max_tokens)
-            tpot.append((times[-1] - times[0]) / (len(times) - 1))
+        for start in range(args.starts):
+            serve.run(build_app(config), name="disagg", route_prefix="/")  # fresh replicas
+            starts.append(measure_start(client, url, config.model_name, vocab, g, args.long,
+                                        long_idle, short))
+            if start == args.starts - 1:
+                for _ in range(args.requests):
+                    ids = torch.randint(0, vocab, (args.context,), generator=g).tolist()
+                    _, times = stream(client, url, config.model_name, ids, args.max_tokens)
+                    tpot.append((times[-1] - times[0]) / (len(times) - 1))
+            serve.delete("disagg")
     serve.shutdown()
     ray.shutdown()
+    first = [s["long_ttft_s"][0] for s in starts]
+    second = [s["long_ttft_s"][1] for s in starts]
     row = {"context_tokens": args.context, "max_tokens": args.max_tokens,
            "engine_itl_ms": engine_itl_ms, "http_tpot_ms": statistics.median(tpot) * 1e3,
-           "first_long_ttft_s": long_ttft[0], "second_long_ttft_s": long_ttft[1],
-           "long_ttft_s": long_ttft, "long_idle_s": long_idle, "long_disagg_timing": long_timing,
-           "long_hops_ms": [hops_ms(t.get("marks", {})) for t in long_timing],
-           "long_tokens": args.long, "short_tokens": short, "short_ttft_s": short_ttft,
-           "short_prefill_s": [t.get("prefill_s") for t in short_timing],  # None: local
-           "requests": args.requests}
+           "first_long_ttft_s": statistics.median(first),
+           "second_long_ttft_s": statistics.median(second),
+           "first_minus_second_ms": [(a - b) * 1e3 for a, b in zip(first, second, strict=True)],
+           "long_idle_s": long_idle, "long_tokens": args.long, "short_tokens": short,
+           "app_starts": args.starts, "starts": starts, "requests": args.requests}
     row["tpot_over_itl_ms"] = row["http_tpot_ms"] - row["engine_itl_ms"]
     write_results("served_decode", [row], commit=args.commit, dirty=args.dirty, out=args.out)
     print_table([row], ["engine_itl_ms", "http_tpot_ms", "tpot_over_itl_ms", "first_long_ttft_s",
                         "second_long_ttft_s"])
     print(f"{'idle before (s)':36s}" + "".join(f"{i:10.1f}" for i in long_idle))
-    print(f"{'TTFT (ms)':36s}" + "".join(f"{t * 1e3:10.2f}" for t in long_ttft))
-    print(f"{'outside the prefill (ms)':36s}"
-          + "".join(f"{(t - s.get('prefill_s', float('nan'))) * 1e3:10.2f}"
-                    for t, s in zip(long_ttft, long_timing, strict=True)))
-    print(f"{'short prompt (tokens)':36s}" + "".join(f"{n:10d}" for n in short))
-    print(f"{'short TTFT (ms)':36s}" + "".join(f"{t * 1e3:10.2f}" for t in short_ttft))
-    for hop in row["long_hops_ms"][0]:  # where each long request's time went
-        print(f"{hop:36s}" + "".join(f"{h.get(hop, float('nan')):10.2f}"
-                                     for h in row["long_hops_ms"]))
-
+    for n, st in enumerate(starts):  # each app start: where its long requests' time went
+        print(f"--- app start {n + 1}")
+        print(f"{'TTFT (ms)':36s}" + "".join(f"{t * 1e3:10.2f}" for t in st["long_ttft_s"]))
+        print(f"{'prefill (ms)':36s}" + "".join(
+            f"{s.get('prefill_s', float('nan')) * 1e3:10.2f}" for s in st["long_disagg_timing"]))
+        print(f"{'outside the prefill (ms)':36s}" + "".join(
+            f"{(t - s.get('prefill_s', float('nan'))) * 1e3:10.2f}"
+            for t, s in zip(st["long_ttft_s"], st["long_disagg_timing"], strict=True)))
+        for hop in st["long_hops_ms"][0]:
+            print(f"{hop:36s}" + "".join(f"{h.get(hop, float('nan')):10.2f}"
+                                         for h in st["long_hops_ms"]))
+        print(f"{'short prompt (tokens)':36s}" + "".join(f"{n:10d}" for n in short))
+        print(f"{'short TTFT (ms)':36s}" + "".join(f"{t * 1e3:10.2f}"
+                                                  for t in st["short_ttft_s"]))
 
 if __name__ == "__main__":
     main()
