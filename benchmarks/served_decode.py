@@ -149,12 +149,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(2)
     starts, tpot = [], []
     with httpx.Client() as client:
-        # The client's own connection is opened first, on the proxy's health route (answered
-        # by the proxy, never by the app): the first timed request then compares the server's
-        # first request with its second, not a TCP connect with a kept-alive connection.
-        client.get(f"{url}/-/healthz", timeout=30).raise_for_status()
         for start in range(args.starts):
             serve.run(build_app(config), name="disagg", route_prefix="/")  # fresh replicas
+            # The client's connection is opened (or kept alive) on the proxy's health route
+            # (answered by the proxy, never by the app): the first timed request then compares
+            # the server's first request with its second, not a TCP connect with a kept-alive
+            # connection.
+            client.get(f"{url}/-/healthz", timeout=30).raise_for_status()
             starts.append(measure_start(client, url, config.model_name, vocab, g, args.long,
                                         long_idle, short))
             if start == args.starts - 1:
