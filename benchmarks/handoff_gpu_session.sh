@@ -26,6 +26,6 @@ if [ "${HANDOFF:-1}" = 1 ]; then
     | tee "$OUT/bench.log" | grep -v "WARN\|INFO\|Warning" | tail -30
 fi
 if [ "${SERVED_DECODE:-0}" = 1 ]; then
-  timeout "${SERVED_S:-200}" python3 -m benchmarks.served_decode --out "$OUT/served_decode.json" \
+  timeout "${SERVED_S:-560}" python3 -m benchmarks.served_decode --out "$OUT/served_decode.json" \
     2>&1 | tee "$OUT/served.log" | grep -v "WARN\|INFO\|Warning" | tail -12
 fi
