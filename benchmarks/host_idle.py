@@ -3,14 +3,14 @@ one machine, a client that sends a 32K-token-id JSON body over a localhost TCP c
 server that reads it, parses it and answers one byte.
 
 The served benchmark (``benchmarks.served_decode``) finds that a 32K request after a few seconds
-of idle spends ~3-6 ms more outside the prefill than one sent back to back. This measures the
+of idle spends ~3-12 ms more outside the prefill than one sent back to back. This measures the
 same pattern on a bare path: each round trip after the idle seconds ``--idle`` names
 (default 0,0,5,0,30,0), ``--rounds`` times (the very first request is left out of the
 medians: it is the path's first use). If the bare path pays after idle
 what the served path pays, the cost is the host's (cores that slept, cold caches), not one the
 service's code could remove.
 
-    python -m benchmarks.host_idle [--idle 0,0,5,0,30,0] [--rounds 3]
+    python -m benchmarks.host_idle [--idle 0,0,5,0,30,0] [--rounds 2]
 """
 
 from __future__ import annotations
