@@ -14,11 +14,6 @@ Life of a warm-up (``warm_up_prefill``, called once by the server before it repo
    class not seen yet would compile (seconds) inside a user's request. ``triangle_warmup_lengths``
    picks the shortest prompt of every class that served prompts can reach; each of those
    prefills runs the last rows' launch, the band launch and the split merge.
-3. On CUDA, one prefill of the longest prompt the engine takes (``max_context_tokens - 1``),
-   its KV dropped layer by layer as a served prefill's leaves for decode's pool: the caching
-   allocator reserves the largest activations any served prompt needs, so no request grows it
-   (a ``cudaMalloc`` of a new segment syncs the device), and a prompt too long to fit fails
-   here, not in a user's request.
 On CPU the engine runs PyTorch references (no JIT): one tiny prefill checks the path.
 """
 
@@ -62,25 +57,15 @@ def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
     if engine.device.type == "cuda" and engine.trianglemix is not None:
         lengths += triangle_warmup_lengths(engine, max_tokens=context - 1)
     vocab = config.vocab_size
-    longest = context - 1 if engine.device.type == "cuda" else None
-    for n in [*lengths, *([longest] if longest else [])]:
+    for n in lengths:
         ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         request = EngineRequest.create(f"warmup-{n}", ids,
                                        SamplingParams(temperature=0.0, max_tokens=1),
                                        vocab_size=vocab, context=context)
-        engine.prefill(request, DroppedKV() if n == longest else None)
-    if longest:
-        lengths.append(longest)
+        engine.prefill(request)
+    if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     return WarmupReport(tuple(lengths), time.perf_counter() - t0, dense_kernels)
-
-
-class DroppedKV:
-    """A ``KVSink`` that lets each layer's K/V go once written: the warm-up's longest prefill
-    keeps no KV of its own (a served prefill writes it into decode's pool)."""
-
-    def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        del layer, k, v
 
 
 def num_dense_layers(engine: PrefillEngine, num_prompt_tokens: int) -> int:
