@@ -1,0 +1,141 @@
+"""The first long prefill after warm-up against the ones after it, in one process, as a prefill
+replica runs them: no Ray, no HTTP, so what is left of a first-request cost is the engine's.
+
+As ``deployments/prefill_server.py`` does: the model and the TriangleMix engine built, then on
+one worker thread (cuDNN keeps its plans per thread) ``warm_up_prefill``, then prompts of
+``--lengths`` tokens one after another (default 32768, 32767, 32766: as with users' prompts no
+length repeats), each written layer by layer into a decode-pool stand-in by the ``inprocess``
+direct writer (the same ``DirectKVWriter`` as ``cuda_ipc``'s: a copy stream, ``record_stream``
+on each layer's K/V). Per prompt: the engine's prefill seconds (what the served breakdown calls
+``prefill_s``) and the caching allocator's new segments (each a ``cudaMalloc`` inside the
+request). ``--profile``: the first two prompts also run under torch.profiler; the events
+whose self CPU or self CUDA time differ most between them are printed and kept.
+
+    python -m benchmarks.first_prefill [--lengths 32768,32767,32766] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from benchmarks.common import add_provenance_args, print_table, write_results
+from disagg.attention.triangle import published_trianglemix
+from disagg.models.loader import ModelSource, load_model
+from disagg.prefill.engine import PrefillEngine
+from disagg.prefill.warmup import warm_up_prefill
+from disagg.request import EngineRequest
+from disagg.sampling import SamplingParams
+from disagg.transport.base import KVDestination, KVHeader
+from disagg.transport.direct import INPROCESS, DirectKVWriter
+
+
+def _segments() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    return torch.cuda.memory_stats().get("segment.all.allocated", 0)
+
+
+class PoolStandIn:
+    """Decode's pool layout (per layer one ``[rows, Hkv, D]`` K and V tensor) for the writer."""
+
+    def __init__(self, engine: PrefillEngine, rows: int):
+        cfg, dev = engine.model.config, engine.device
+        shape = (rows, cfg.num_kv_heads, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=engine.layout.dtype, device=dev)
+                  for _ in range(cfg.num_layers)]
+        self.v = [torch.empty_like(t) for t in self.k]
+
+    def writer(self, request: EngineRequest) -> DirectKVWriter:
+        n = request.num_prompt_tokens
+        destination = KVDestination(request.request_id, INPROCESS, "first-prefill",
+                                    ((0, 0, n),), n, time.time() + 600)
+        return DirectKVWriter(destination, self.k, self.v, backend=INPROCESS,
+                              num_layers=len(self.k))
+
+
+def run_one(engine: PrefillEngine, pool: PoolStandIn, request: EngineRequest) -> dict:
+    """One prefill into the pool: the engine's seconds and the allocator's new segments."""
+    before = _segments()
+    writer = pool.writer(request)
+    result = engine.prefill(request, writer)
+    writer.finish(KVHeader(request.request_id, result.fingerprint, result.first_token))
+    return {"prompt_tokens": request.num_prompt_tokens, "prefill_ms": result.prefill_s * 1e3,
+            "new_segments": _segments() - before}
+
+
+def profiled(engine: PrefillEngine, pool: PoolStandIn, request: EngineRequest):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if engine.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        row = run_one(engine, pool, request)
+    events = {e.key: (e.self_cpu_time_total, e.self_device_time_total, e.count)
+              for e in prof.key_averages()}
+    return row, events
+
+
+def profile_diff(first: dict, second: dict, top: int = 25) -> list[dict]:
+    """The events whose self CPU or self device microseconds differ most, first minus second."""
+    zero = (0.0, 0.0, 0)
+    rows = []
+    for key in sorted(set(first) | set(second)):
+        a, b = first.get(key, zero), second.get(key, zero)
+        rows.append({"event": key, "cpu_us": a[0] - b[0], "device_us": a[1] - b[1],
+                     "calls": [a[2], b[2]]})
+    by_cpu = sorted(rows, key=lambda r: -abs(r["cpu_us"]))[:top]
+    by_device = sorted(rows, key=lambda r: -abs(r["device_us"]))[:top]
+    return by_cpu + [r for r in by_device if r not in by_cpu]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3.1-8b", help="random config name")
+    parser.add_argument("--lengths", default="32768,32767,32766")
+    parser.add_argument("--profile", action="store_true")
+    add_provenance_args(parser)
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    source = ModelSource(name=f"random:{args.model}", random_config=args.model)
+    model = load_model(source, device=device, dtype=dtype)
+    config = model.config
+    engine = PrefillEngine(model, model_name=source.name,
+                           trianglemix=published_trianglemix(args.model))
+    pool = PoolStandIn(engine, max(lengths))
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
+    report = worker.submit(warm_up_prefill, engine).result()
+    g = torch.Generator().manual_seed(2)
+    rows, diff = [], None
+    for i, n in enumerate(lengths):
+        ids = torch.randint(0, config.vocab_size, (n,), generator=g).tolist()
+        request = EngineRequest.create(f"r{i}", ids, SamplingParams(temperature=0.0, max_tokens=1),
+                                       vocab_size=config.vocab_size,
+                                       context=config.max_context_tokens)
+        if args.profile and i < 2:
+            row, events = worker.submit(profiled, engine, pool, request).result()
+            diff = events if i == 0 else profile_diff(diff, events)
+        else:
+            row = worker.submit(run_one, engine, pool, request).result()
+        rows.append({"request": i, **row})
+    rows[0]["first_minus_second_ms"] = rows[0]["prefill_ms"] - rows[1]["prefill_ms"]
+    write_results("first_prefill", rows, commit=args.commit, dirty=args.dirty, out=args.out,
+                  extra={"model": source.name, "warmup_prompt_lengths": list(report.prompt_lengths),
+                         "warmup_s": report.seconds, "profiled": args.profile,
+                         "profile_diff": diff if args.profile else None})
+    print_table(rows, ["request", "prompt_tokens", "prefill_ms", "new_segments"])
+    if args.profile:
+        print(f"{'event (first - second)':60s} {'cpu us':>10s} {'device us':>10s}  calls")
+        for r in diff:
+            print(f"{r['event'][:60]:60s} {r['cpu_us']:10.0f} {r['device_us']:10.0f}  "
+                  f"{r['calls']}")
+
+
+if __name__ == "__main__":
+    main()
