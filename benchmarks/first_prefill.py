@@ -1,8 +1,11 @@
 """The first long prefill after warm-up against the ones after it, in one process, as a prefill
 replica runs them: no Ray, no HTTP, so what is left of a first-request cost is the engine's.
 
-As ``deployments/prefill_server.py`` does: the model and the TriangleMix engine built, then on
-one worker thread (cuDNN keeps its plans per thread) ``warm_up_prefill``, then prompts of
+As a GPU prefill replica does: CUDA started with the replica's environment
+(``deployments.serve_env.gpu_env``: every kernel loaded with its library; ``--lazy-loading``:
+CUDA's default, each kernel at its first launch), the model and the TriangleMix engine built,
+then on one worker thread (cuDNN keeps its plans per thread) ``warm_up_prefill`` and one short
+prefill through the writer (decode's start-up request through prefill), then prompts of
 ``--lengths`` tokens one after another (default 32768, 32767, 32766: as with users' prompts no
 length repeats), each written layer by layer into a decode-pool stand-in by the ``inprocess``
 direct writer (the same ``DirectKVWriter`` as ``cuda_ipc``'s: a copy stream, ``record_stream``
@@ -11,18 +14,20 @@ on each layer's K/V). Per prompt: the engine's prefill seconds (what the served 
 request). ``--profile``: the first two prompts also run under torch.profiler; the events
 whose self CPU or self CUDA time differ most between them are printed and kept.
 
-    python -m benchmarks.first_prefill [--lengths 32768,32767,32766] [--profile]
+    python -m benchmarks.first_prefill [--lengths 32768,32767,32766] [--profile] [--lazy-loading]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from benchmarks.common import add_provenance_args, print_table, write_results
+from deployments.serve_env import CUDA_MODULE_LOADING_ENV, gpu_env
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
@@ -98,8 +103,11 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3.1-8b", help="random config name")
     parser.add_argument("--lengths", default="32768,32767,32766")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--lazy-loading", action="store_true",
+                        help="CUDA's default module loading instead of the replica's")
     add_provenance_args(parser)
     args = parser.parse_args()
+    os.environ.update({CUDA_MODULE_LOADING_ENV: "LAZY"} if args.lazy_loading else gpu_env())
     lengths = [int(x) for x in args.lengths.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -112,6 +120,10 @@ def main() -> None:
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
     report = worker.submit(warm_up_prefill, engine).result()
     g = torch.Generator().manual_seed(2)
+    startup = EngineRequest.create("warmup-writer", list(range(1, 17)),
+                                   SamplingParams(temperature=0.0, max_tokens=1),
+                                   vocab_size=config.vocab_size, context=config.max_context_tokens)
+    worker.submit(run_one, engine, pool, startup).result()
     rows, diff = [], None
     for i, n in enumerate(lengths):
         ids = torch.randint(0, config.vocab_size, (n,), generator=g).tolist()
@@ -128,6 +140,7 @@ def main() -> None:
     write_results("first_prefill", rows, commit=args.commit, dirty=args.dirty, out=args.out,
                   extra={"model": source.name, "warmup_prompt_lengths": list(report.prompt_lengths),
                          "warmup_s": report.seconds, "profiled": args.profile,
+                         "cuda_module_loading": os.environ[CUDA_MODULE_LOADING_ENV],
                          "profile_diff": diff if args.profile else None})
     print_table(rows, ["request", "prompt_tokens", "prefill_ms", "new_segments"])
     if args.profile:

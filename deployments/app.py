@@ -32,13 +32,15 @@ from deployments.placement import actor_resources, prefill_placement
 from deployments.prefill_server import PrefillServer
 from deployments.router import DECODE, PREFILL, DisaggRequestRouter
 from deployments.runtime import resolve_source, trianglemix_config
-from deployments.serve_env import serve_env
+from deployments.serve_env import gpu_env, serve_env
 from disagg.cli import default_cache_dir
 
 
 def _options(settings: ReplicaSettings, config: AppConfig) -> dict:
     actor = actor_resources(settings)  # CPUs, GPUs and the custom resources of its node type
     env = serve_env()  # Serve's settings for this replica's own routers (deployments/serve_env)
+    if settings.num_gpus > 0:
+        env.update(gpu_env())  # no kernel loads lazily inside a request (deployments/serve_env)
     if config.gpu_peer_access and settings.num_gpus > 0:
         # Ray would show the replica only its own GPU; cuda_ipc handles of a pool on another
         # GPU open only where that GPU is visible (runtime.replica_device picks our own).

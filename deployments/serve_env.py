@@ -13,6 +13,17 @@ replica accepts reports its queue length again, and a replica that is full rejec
 request, which the router then sends elsewhere. An old entry therefore costs at most a less
 even pick at low load, never a request sent to a full replica, so the entries are trusted for
 ``QUEUE_LENGTH_CACHE_S``. A value set in the environment wins.
+
+GPU replicas also start with ``gpu_env()``: CUDA loads each library's kernels lazily by
+default, at a kernel's first launch. cuBLAS picks its GEMM kernels by the row count, so a
+prompt of a length the warm-up did not run can load kernels inside a user's request. On one
+H100, in the profiler's diff of a 32768- and a 32767-token prefill after warm-up, cuBLAS
+picked different GEMM kernels for the two row counts and each prefill loaded the ones it
+launched first (1 and 3 lazy loads; the 3 took ~11 ms of device time). With lazy loading the
+first of three 32K prefills was +8.8 and +20.7 ms over the second (two runs), with
+``CUDA_MODULE_LOADING=EAGER`` +2.8 ms (one run; ``benchmarks/first_prefill.py``). Eager
+loading costs the process ~3 s more at CUDA's start, ~2 s at cuBLAS's first call and ~1 GiB
+of device memory. A value set in the environment wins here too.
 """
 
 from __future__ import annotations
@@ -21,12 +32,18 @@ import os
 
 QUEUE_LENGTH_CACHE_ENV = "RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S"
 QUEUE_LENGTH_CACHE_S = 600.0
+CUDA_MODULE_LOADING_ENV = "CUDA_MODULE_LOADING"
 
 
 def serve_env() -> dict[str, str]:
     """The variables and their values: this process's own where set, else ours."""
     return {QUEUE_LENGTH_CACHE_ENV: os.environ.get(QUEUE_LENGTH_CACHE_ENV,
                                                    f"{QUEUE_LENGTH_CACHE_S:g}")}
+
+
+def gpu_env() -> dict[str, str]:
+    """What a GPU replica's process adds: every kernel loaded with its library, before ready."""
+    return {CUDA_MODULE_LOADING_ENV: os.environ.get(CUDA_MODULE_LOADING_ENV, "EAGER")}
 
 
 def set_process_env() -> None:

@@ -36,6 +36,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from deployments.config import AppConfig
 from deployments.kv_transports import build_senders
 from deployments.runtime import load_replica_model, replica_device, trianglemix_config
+from deployments.serve_env import gpu_env
 from disagg.errors import DisaggError
 from disagg.prefill.engine import PrefillBusyError, PrefillEngine, PrefillResult
 from disagg.prefill.sequence_parallel import (
@@ -197,9 +198,11 @@ class SPGroupEngine:
             if pg is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank)
-            if config.gpu_peer_access and config.prefill.num_gpus > 0:
-                options["runtime_env"] = {
-                    "env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+            if config.prefill.num_gpus > 0:  # as the replica's own (deployments/app._options)
+                env = gpu_env()
+                if config.gpu_peer_access:
+                    env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"
+                options["runtime_env"] = {"env_vars": env}
             ranks.append(SPRankActor.options(**options).remote(config, rank, world))
         group = cls(engine, None, ranks)
         try:

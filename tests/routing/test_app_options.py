@@ -18,7 +18,11 @@ from deployments.decode_server import DecodeServer
 from deployments.ingress import OpenAIIngress
 from deployments.prefill_server import PrefillServer
 from deployments.router import DECODE, PREFILL, DisaggRequestRouter, LoadAutoscalingPolicy
-from deployments.serve_env import QUEUE_LENGTH_CACHE_ENV, QUEUE_LENGTH_CACHE_S
+from deployments.serve_env import (
+    CUDA_MODULE_LOADING_ENV,
+    QUEUE_LENGTH_CACHE_ENV,
+    QUEUE_LENGTH_CACHE_S,
+)
 
 ARGS = {"model": "random:tiny-llama",
         "prefill": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}},
@@ -96,6 +100,23 @@ def test_every_replica_trusts_queue_lengths_for_our_staleness(monkeypatch):
     monkeypatch.setenv(QUEUE_LENGTH_CACHE_ENV, "10")  # the operator's own value wins
     env = _options(config.decode, config)["ray_actor_options"]["runtime_env"]["env_vars"]
     assert env[QUEUE_LENGTH_CACHE_ENV] == "10"
+
+
+def test_gpu_replicas_load_every_cuda_kernel_before_ready(monkeypatch):
+    monkeypatch.delenv(CUDA_MODULE_LOADING_ENV, raising=False)
+    config = AppConfig.model_validate({"model": "random:tiny-llama",
+                                       "prefill": {"num_gpus": 1}, "decode": {"num_gpus": 0.5}})
+    for settings in (config.prefill, config.decode):
+        env = _options(settings, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert env[CUDA_MODULE_LOADING_ENV] == "EAGER"
+    env = _options(config.ingress, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert CUDA_MODULE_LOADING_ENV not in env  # no GPU, no CUDA context
+    cpu = AppConfig.model_validate({"model": "random:tiny-llama"})
+    env = _options(cpu.prefill, cpu)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert CUDA_MODULE_LOADING_ENV not in env
+    monkeypatch.setenv(CUDA_MODULE_LOADING_ENV, "LAZY")  # the operator's own value wins
+    env = _options(config.prefill, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env[CUDA_MODULE_LOADING_ENV] == "LAZY"
 
 
 def test_serve_reads_the_staleness_we_set_in_a_process_it_starts():
