@@ -136,7 +136,8 @@ def main() -> None:
         else:
             row = worker.submit(run_one, engine, pool, request).result()
         rows.append({"request": i, **row})
-    rows[0]["first_minus_second_ms"] = rows[0]["prefill_ms"] - rows[1]["prefill_ms"]
+    if len(rows) > 1:
+        rows[0]["first_minus_second_ms"] = rows[0]["prefill_ms"] - rows[1]["prefill_ms"]
     write_results("first_prefill", rows, commit=args.commit, dirty=args.dirty, out=args.out,
                   extra={"model": source.name, "warmup_prompt_lengths": list(report.prompt_lengths),
                          "warmup_s": report.seconds, "profiled": args.profile,
