@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session for the served path: the GPU test of cuda_ipc between two Serve
 # replicas (TESTS=1), benchmarks/kv_handoff.py for the backends in $BACKENDS (HANDOFF=1; the
-# engine-alone columns unless SKIP_ENGINE=1), benchmarks/served_decode.py (SERVED_DECODE=1).
+# engine-alone columns unless SKIP_ENGINE=1), benchmarks/served_decode.py (SERVED_DECODE=1, its
+# options in SERVED_ARGS, e.g. "--module-loading EAGER,LAZY,EAGER").
 # Run from the repo root with the .whl set carried: `EXTRA_WHEELS=orjson==3.13.0
 # ../shared/tools/gpu-wheels.sh .whl` (orjson: the ingress parses bodies with it, when installed,
 # as pyproject asks; ../shared/GPU.md). Logs and JSON go to $OUT.
@@ -27,5 +28,6 @@ if [ "${HANDOFF:-1}" = 1 ]; then
 fi
 if [ "${SERVED_DECODE:-0}" = 1 ]; then
   timeout "${SERVED_S:-560}" python3 -m benchmarks.served_decode --out "$OUT/served_decode.json" \
+    ${SERVED_ARGS:-} \
     2>&1 | tee "$OUT/served.log" | grep -v "WARN\|INFO\|Warning" | tail -12
 fi

@@ -20,9 +20,13 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
    TTFT each. After the last start's, ``--requests`` streamed requests one at a time with
    ``--context`` prompt tokens and ``--max-tokens`` generated: TPOT = (last chunk - first
    chunk) / (tokens - 1), median.
+   ``--module-loading`` (e.g. ``EAGER,LAZY,EAGER``) names ``CUDA_MODULE_LOADING`` for each
+   start's GPU replicas in turn (``deployments/serve_env.gpu_env``; unset: the replicas'
+   default), so the two are compared in one run; each start also reports its seconds to ready
+   and the GPU memory in use once ready (every process on the device, this one included).
 
     python -m benchmarks.served_decode [--context 4096] [--max-tokens 64] [--requests 5]
-        [--starts 3] [--long-idle 30,30,0]
+        [--starts 3] [--long-idle 30,30,0] [--module-loading EAGER,LAZY,EAGER]
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 from benchmarks.common import add_provenance_args, print_table, write_results
 from benchmarks.kv_handoff import app_args
 from deployments.config import AppConfig
-from deployments.serve_env import set_process_env
+from deployments.serve_env import CUDA_MODULE_LOADING_ENV, set_process_env
 
 
 def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_tokens: int,
@@ -119,8 +123,12 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=3,
                         help="app starts, each measured right after it is ready")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--module-loading", default="",
+                        help="CUDA_MODULE_LOADING of each start's GPU replicas, comma-separated, "
+                             "in turn (unset: the replicas' default)")
     add_provenance_args(parser)
     args = parser.parse_args()
+    loadings = [x for x in args.module_loading.split(",") if x]
     long_idle = [float(x) for x in args.long_idle.split(",")]
     short = [int(x) for x in args.short.split(",") if x]
     if len(long_idle) < 2:
@@ -151,7 +159,13 @@ def main() -> None:
     starts, tpot = [], []
     with httpx.Client() as client:
         for start in range(args.starts):
+            loading = loadings[start % len(loadings)] if loadings else None
+            if loading:  # read by gpu_env() as build_app sets the replicas' options
+                os.environ[CUDA_MODULE_LOADING_ENV] = loading
+            t_start = time.perf_counter()
             serve.run(build_app(config), name="disagg", route_prefix="/")  # fresh replicas
+            ready_s = time.perf_counter() - t_start
+            free, total = torch.cuda.mem_get_info()
             # The client's connection is opened (or kept alive) on the proxy's health route
             # (answered by the proxy, never by the app): the first timed request then compares
             # the server's first request with its second, not a TCP connect with a kept-alive
@@ -159,6 +173,8 @@ def main() -> None:
             client.get(f"{url}/-/healthz", timeout=30).raise_for_status()
             starts.append(measure_start(client, url, config.model_name, vocab, g, args.long,
                                         long_idle, short))
+            starts[-1].update(module_loading=loading, ready_s=ready_s,
+                              device_used_gib=(total - free) / 2**30)
             if start == args.starts - 1:
                 for _ in range(args.requests):
                     ids = torch.randint(0, vocab, (args.context,), generator=g).tolist()
@@ -175,14 +191,16 @@ def main() -> None:
            "second_long_ttft_s": statistics.median(second),
            "first_minus_second_ms": [(a - b) * 1e3 for a, b in zip(first, second, strict=True)],
            "long_idle_s": long_idle, "long_tokens": args.long, "short_tokens": short,
-           "app_starts": args.starts, "starts": starts, "requests": args.requests}
+           "app_starts": args.starts, "starts": starts, "requests": args.requests,
+           "module_loading": [s["module_loading"] for s in starts]}
     row["tpot_over_itl_ms"] = row["http_tpot_ms"] - row["engine_itl_ms"]
     write_results("served_decode", [row], commit=args.commit, dirty=args.dirty, out=args.out)
     print_table([row], ["engine_itl_ms", "http_tpot_ms", "tpot_over_itl_ms", "first_long_ttft_s",
                         "second_long_ttft_s"])
     print(f"{'idle before (s)':36s}" + "".join(f"{i:10.1f}" for i in long_idle))
     for n, st in enumerate(starts):  # each app start: where its long requests' time went
-        print(f"--- app start {n + 1}")
+        print(f"--- app start {n + 1}: {st['module_loading'] or 'default'} module loading, "
+              f"ready in {st['ready_s']:.1f} s, {st['device_used_gib']:.2f} GiB in use")
         print(f"{'TTFT (ms)':36s}" + "".join(f"{t * 1e3:10.2f}" for t in st["long_ttft_s"]))
         print(f"{'prefill (ms)':36s}" + "".join(
             f"{s.get('prefill_s', float('nan')) * 1e3:10.2f}" for s in st["long_disagg_timing"]))
