@@ -175,6 +175,12 @@ def main() -> None:
                                         long_idle, short))
             starts[-1].update(module_loading=loading, ready_s=ready_s,
                               device_used_gib=(total - free) / 2**30)
+            print(f"start {start + 1} ({loading or 'default'} loading, ready {ready_s:.1f} s, "
+                  f"{(total - free) / 2**30:.2f} GiB): long TTFT ms "
+                  + " / ".join(f"{t * 1e3:.1f}" for t in starts[-1]["long_ttft_s"])
+                  + "; prefill ms " + " / ".join(f"{t.get('prefill_s', float('nan')) * 1e3:.1f}"
+                                                 for t in starts[-1]["long_disagg_timing"]),
+                  flush=True)  # as it comes: a run cut short still shows its starts
             if start == args.starts - 1:
                 for _ in range(args.requests):
                     ids = torch.randint(0, vocab, (args.context,), generator=g).tolist()
