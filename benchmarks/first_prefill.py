@@ -2,8 +2,8 @@
 replica runs them: no Ray, no HTTP, so what is left of a first-request cost is the engine's.
 
 As a GPU prefill replica does: CUDA started with the replica's environment
-(``deployments.serve_env.gpu_env``: every kernel loaded with its library; ``--lazy-loading``:
-CUDA's default, each kernel at its first launch), the model and the TriangleMix engine built,
+(``deployments.serve_env.gpu_env``: CUDA's lazy default, each kernel loaded at its first launch,
+unless ``CUDA_MODULE_LOADING`` is exported; ``--module-loading EAGER|LAZY`` sets it), the model and the TriangleMix engine built,
 then on one worker thread (cuDNN keeps its plans per thread) ``warm_up_prefill`` and one short
 prefill through the writer (decode's start-up request through prefill), then prompts of
 ``--lengths`` tokens one after another (default 32768, 32767, 32766: as with users' prompts no
@@ -14,7 +14,7 @@ on each layer's K/V). Per prompt: the engine's prefill seconds (what the served 
 request). ``--profile``: the first two prompts also run under torch.profiler; the events
 whose self CPU or self CUDA time differ most between them are printed and kept.
 
-    python -m benchmarks.first_prefill [--lengths 32768,32767,32766] [--profile] [--lazy-loading]
+    python -m benchmarks.first_prefill [--lengths 32768,32767,32766] [--profile] [--module-loading EAGER]
 """
 
 from __future__ import annotations
@@ -103,11 +103,12 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3.1-8b", help="random config name")
     parser.add_argument("--lengths", default="32768,32767,32766")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--lazy-loading", action="store_true",
-                        help="CUDA's default module loading instead of the replica's")
+    parser.add_argument("--module-loading", choices=("EAGER", "LAZY"),
+                        help="CUDA_MODULE_LOADING (default: the replica's, gpu_env)")
     add_provenance_args(parser)
     args = parser.parse_args()
-    os.environ.update({CUDA_MODULE_LOADING_ENV: "LAZY"} if args.lazy_loading else gpu_env())
+    os.environ.update({CUDA_MODULE_LOADING_ENV: args.module_loading} if args.module_loading
+                      else gpu_env())
     lengths = [int(x) for x in args.lengths.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -141,7 +142,7 @@ def main() -> None:
     write_results("first_prefill", rows, commit=args.commit, dirty=args.dirty, out=args.out,
                   extra={"model": source.name, "warmup_prompt_lengths": list(report.prompt_lengths),
                          "warmup_s": report.seconds, "profiled": args.profile,
-                         "cuda_module_loading": os.environ[CUDA_MODULE_LOADING_ENV],
+                         "cuda_module_loading": os.environ.get(CUDA_MODULE_LOADING_ENV, "LAZY"),
                          "profile_diff": diff if args.profile else None})
     print_table(rows, ["request", "prompt_tokens", "prefill_ms", "new_segments"])
     if args.profile:

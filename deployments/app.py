@@ -40,7 +40,7 @@ def _options(settings: ReplicaSettings, config: AppConfig) -> dict:
     actor = actor_resources(settings)  # CPUs, GPUs and the custom resources of its node type
     env = serve_env()  # Serve's settings for this replica's own routers (deployments/serve_env)
     if settings.num_gpus > 0:
-        env.update(gpu_env())  # no kernel loads lazily inside a request (deployments/serve_env)
+        env.update(gpu_env())  # an operator's CUDA module loading (deployments/serve_env)
     if config.gpu_peer_access and settings.num_gpus > 0:
         # Ray would show the replica only its own GPU; cuda_ipc handles of a pool on another
         # GPU open only where that GPU is visible (runtime.replica_device picks our own).

@@ -14,16 +14,14 @@ request, which the router then sends elsewhere. An old entry therefore costs at 
 even pick at low load, never a request sent to a full replica, so the entries are trusted for
 ``QUEUE_LENGTH_CACHE_S``. A value set in the environment wins.
 
-GPU replicas also start with ``gpu_env()``: CUDA loads each library's kernels lazily by
-default, at a kernel's first launch. cuBLAS picks its GEMM kernels by the row count, so a
-prompt of a length the warm-up did not run can load kernels inside a user's request. On one
-H100, in the profiler's diff of a 32768- and a 32767-token prefill after warm-up, cuBLAS
-picked different GEMM kernels for the two row counts and each prefill loaded the ones it
-launched first (1 and 3 lazy loads; the 3 took ~11 ms of device time). With lazy loading the
-first of three 32K prefills was +8.8 and +20.7 ms over the second (two runs), with
-``CUDA_MODULE_LOADING=EAGER`` +2.8 ms (one run; ``benchmarks/first_prefill.py``). Eager
-loading costs the process ~3 s more at CUDA's start, ~2 s at cuBLAS's first call and ~1 GiB
-of device memory. A value set in the environment wins here too.
+GPU replicas also get ``gpu_env()``: an operator's ``CUDA_MODULE_LOADING``, passed on (a
+replica started after the Ray instance would not inherit it otherwise); unset, CUDA's lazy
+default stays, each kernel loaded at its first launch. Eager loading was measured and not
+kept (RESULTS.md, "The first long prefill after ready"): on one H100 it left the served first
+32K prefill's extra over the second as it was (+28.9 and +24.7 ms eager, +28.8 lazy, one app
+start each) and cost each start ~7-15 s and the two replicas 2.1 GiB more. What a new prompt
+length pays is cuDNN's plan for the new shape (a repeated length ran 40-46 ms faster; on
+FlashAttention-2 it did not), paid by the second request as much as the first.
 """
 
 from __future__ import annotations
@@ -42,8 +40,9 @@ def serve_env() -> dict[str, str]:
 
 
 def gpu_env() -> dict[str, str]:
-    """What a GPU replica's process adds: every kernel loaded with its library, before ready."""
-    return {CUDA_MODULE_LOADING_ENV: os.environ.get(CUDA_MODULE_LOADING_ENV, "EAGER")}
+    """What a GPU replica's process adds: the operator's ``CUDA_MODULE_LOADING``, if set."""
+    value = os.environ.get(CUDA_MODULE_LOADING_ENV)
+    return {CUDA_MODULE_LOADING_ENV: value} if value else {}
 
 
 def set_process_env() -> None:

@@ -102,10 +102,14 @@ def test_every_replica_trusts_queue_lengths_for_our_staleness(monkeypatch):
     assert env[QUEUE_LENGTH_CACHE_ENV] == "10"
 
 
-def test_gpu_replicas_load_every_cuda_kernel_before_ready(monkeypatch):
-    monkeypatch.delenv(CUDA_MODULE_LOADING_ENV, raising=False)
+def test_gpu_replicas_get_the_operators_cuda_module_loading(monkeypatch):
     config = AppConfig.model_validate({"model": "random:tiny-llama",
                                        "prefill": {"num_gpus": 1}, "decode": {"num_gpus": 0.5}})
+    monkeypatch.delenv(CUDA_MODULE_LOADING_ENV, raising=False)
+    for settings in (config.prefill, config.decode):  # unset: CUDA's own (lazy) default
+        env = _options(settings, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert CUDA_MODULE_LOADING_ENV not in env
+    monkeypatch.setenv(CUDA_MODULE_LOADING_ENV, "EAGER")  # set after Ray started: passed on
     for settings in (config.prefill, config.decode):
         env = _options(settings, config)["ray_actor_options"]["runtime_env"]["env_vars"]
         assert env[CUDA_MODULE_LOADING_ENV] == "EAGER"
@@ -114,9 +118,6 @@ def test_gpu_replicas_load_every_cuda_kernel_before_ready(monkeypatch):
     cpu = AppConfig.model_validate({"model": "random:tiny-llama"})
     env = _options(cpu.prefill, cpu)["ray_actor_options"]["runtime_env"]["env_vars"]
     assert CUDA_MODULE_LOADING_ENV not in env
-    monkeypatch.setenv(CUDA_MODULE_LOADING_ENV, "LAZY")  # the operator's own value wins
-    env = _options(config.prefill, config)["ray_actor_options"]["runtime_env"]["env_vars"]
-    assert env[CUDA_MODULE_LOADING_ENV] == "LAZY"
 
 
 def test_serve_reads_the_staleness_we_set_in_a_process_it_starts():
