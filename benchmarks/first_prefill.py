@@ -143,6 +143,8 @@ def main() -> None:
                   extra={"model": source.name, "warmup_prompt_lengths": list(report.prompt_lengths),
                          "warmup_s": report.seconds, "profiled": args.profile,
                          "cuda_module_loading": os.environ.get(CUDA_MODULE_LOADING_ENV, "LAZY"),
+                         "torch_cudnn_sdpa_avoid_recompile":
+                             os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE"),
                          "profile_diff": diff if args.profile else None})
     print_table(rows, ["request", "prompt_tokens", "prefill_ms", "new_segments"])
     if args.profile:
