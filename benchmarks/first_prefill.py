@@ -1,14 +1,13 @@
 """The first long prefill after warm-up against the ones after it, in one process, as a prefill
 replica runs them: no Ray, no HTTP, so what is left of a first-request cost is the engine's.
 
-As a GPU prefill replica does: CUDA started with the replica's environment
-(``deployments.serve_env.gpu_env``: CUDA's lazy default, each kernel loaded at its first
-launch, unless ``CUDA_MODULE_LOADING`` is exported; ``--module-loading EAGER|LAZY`` sets it),
-the model and the TriangleMix engine built, then on one worker thread (cuDNN keeps its plans
-per thread) ``warm_up_prefill`` and one short prefill through the writer (decode's start-up
-request through prefill), then prompts of
-``--lengths`` tokens one after another (default 32768, 32767, 32766: as with users' prompts no
-length repeats), each written layer by layer into a decode-pool stand-in by the ``inprocess``
+As a GPU prefill replica does: CUDA started with CUDA's lazy module loading (each kernel
+loaded at its first launch) unless ``CUDA_MODULE_LOADING`` is exported, as a replica gets an
+operator's value (``deployments.serve_env.gpu_env``), or ``--module-loading EAGER|LAZY`` sets
+it; the model and the TriangleMix engine built, then on one worker thread (cuDNN keeps its
+plans per thread) ``warm_up_prefill`` and one short prefill through the writer (decode's
+start-up request through prefill), then prompts of ``--lengths`` tokens one after another
+(default 32768, 32767, 32766: as with users' prompts no length repeats), each written layer by layer into a decode-pool stand-in by the ``inprocess``
 direct writer (the same ``DirectKVWriter`` as ``cuda_ipc``'s: a copy stream, ``record_stream``
 on each layer's K/V). Per prompt: the engine's prefill seconds (what the served breakdown calls
 ``prefill_s``) and the caching allocator's new segments (each a ``cudaMalloc`` inside the
@@ -29,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from benchmarks.common import add_provenance_args, print_table, write_results
-from deployments.serve_env import CUDA_MODULE_LOADING_ENV, gpu_env
+from deployments.serve_env import CUDA_MODULE_LOADING_ENV
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
@@ -106,11 +105,11 @@ def main() -> None:
     parser.add_argument("--lengths", default="32768,32767,32766")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--module-loading", choices=("EAGER", "LAZY"),
-                        help="CUDA_MODULE_LOADING (default: the replica's, gpu_env)")
+                        help="CUDA_MODULE_LOADING (default: the environment's, else lazy)")
     add_provenance_args(parser)
     args = parser.parse_args()
-    os.environ.update({CUDA_MODULE_LOADING_ENV: args.module_loading} if args.module_loading
-                      else gpu_env())
+    if args.module_loading:  # before CUDA starts
+        os.environ[CUDA_MODULE_LOADING_ENV] = args.module_loading
     lengths = [int(x) for x in args.lengths.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
