@@ -7,8 +7,8 @@ operator's value (``deployments.serve_env.gpu_env``), or ``--module-loading EAGE
 it; the model and the TriangleMix engine built, then on one worker thread (cuDNN keeps its
 plans per thread) ``warm_up_prefill`` and one short prefill through the writer (decode's
 start-up request through prefill), then prompts of ``--lengths`` tokens one after another
-(default 32768, 32767, 32766: as with users' prompts no length repeats), each written layer by layer into a decode-pool stand-in by the ``inprocess``
-direct writer (the same ``DirectKVWriter`` as ``cuda_ipc``'s: a copy stream, ``record_stream``
+(default 32768, 32767, 32766: as with users' prompts no length repeats), each written layer
+by layer into a decode-pool stand-in by the ``inprocess`` direct writer (the same ``DirectKVWriter`` as ``cuda_ipc``'s: a copy stream, ``record_stream``
 on each layer's K/V). Per prompt: the engine's prefill seconds (what the served breakdown calls
 ``prefill_s``) and the caching allocator's new segments (each a ``cudaMalloc`` inside the
 request). ``--profile``: the first two prompts also run under torch.profiler; the events
