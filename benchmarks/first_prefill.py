@@ -1,18 +1,19 @@
 """The first long prefill after warm-up against the ones after it, in one process, as a prefill
 replica runs them: no Ray, no HTTP, so what is left of a first-request cost is the engine's.
 
-As a GPU prefill replica does: CUDA started with CUDA's lazy module loading (each kernel
-loaded at its first launch) unless ``CUDA_MODULE_LOADING`` is exported, as a replica gets an
-operator's value (``deployments.serve_env.gpu_env``), or ``--module-loading EAGER|LAZY`` sets
-it; the model and the TriangleMix engine built, then on one worker thread (cuDNN keeps its
-plans per thread) ``warm_up_prefill`` and one short prefill through the writer (decode's
-start-up request through prefill), then prompts of ``--lengths`` tokens one after another
-(default 32768, 32767, 32766: as with users' prompts no length repeats), each written layer
-by layer into a decode-pool stand-in by the ``inprocess`` direct writer (the same ``DirectKVWriter`` as ``cuda_ipc``'s: a copy stream, ``record_stream``
-on each layer's K/V). Per prompt: the engine's prefill seconds (what the served breakdown calls
-``prefill_s``) and the caching allocator's new segments (each a ``cudaMalloc`` inside the
-request). ``--profile``: the first two prompts also run under torch.profiler; the events
-whose self CPU or self CUDA time differ most between them are printed and kept.
+As a GPU prefill replica does: CUDA started with CUDA's lazy module loading (each kernel loaded
+at its first launch) unless ``CUDA_MODULE_LOADING`` is exported, as a replica gets an operator's
+value (``deployments.serve_env.gpu_env``), or ``--module-loading EAGER|LAZY`` sets it; the model
+and the TriangleMix engine built, then on one worker thread (cuDNN keeps its plans per thread)
+``warm_up_prefill`` and one short prefill through the writer (decode's start-up request through
+prefill), then prompts of ``--lengths`` tokens one after another (default 32768, 32767, 32766:
+as with users' prompts no length repeats), each written layer by layer into a decode-pool
+stand-in by the ``inprocess`` direct writer (the same ``DirectKVWriter`` as ``cuda_ipc``'s: a
+copy stream, ``record_stream`` on each layer's K/V). Per prompt: the engine's prefill seconds
+(what the served breakdown calls ``prefill_s``) and the caching allocator's new segments (each a
+``cudaMalloc`` inside the request). ``--profile``: the first two prompts also run under
+torch.profiler; the events whose self CPU or self CUDA time differ most between them are printed
+and kept.
 
     python -m benchmarks.first_prefill [--lengths 32768,32767,32766] [--profile]
         [--module-loading EAGER]
