@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -48,10 +49,18 @@ def pipeline(model, trianglemix=None, model_name=NAME) -> InProcessDisaggregated
     return InProcessDisaggregated(prefill, decode, model.config.eos_token_ids)
 
 
-def assert_nothing_held(pd: InProcessDisaggregated) -> None:
-    """Every block back in the pool, none fenced, no request left (read between steps)."""
-    free, total, fenced, unfinished = pd.run_on_engine(lambda e: (
-        e.num_free_blocks, e.num_total_blocks, e.num_fenced_blocks, e.has_unfinished()))
+def assert_nothing_held(pd: InProcessDisaggregated, deadline_s: float = 10.0) -> None:
+    """Every block back in the pool, none fenced, no request left (read between steps). A
+    request that ended with an error has its end reported by the engine's next step, which
+    may come after the caller saw the error: the state is read again until the engine is
+    idle or the liveness deadline passes (a request held for good still fails)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        free, total, fenced, unfinished = pd.run_on_engine(lambda e: (
+            e.num_free_blocks, e.num_total_blocks, e.num_fenced_blocks, e.has_unfinished()))
+        if not unfinished or time.monotonic() > end:
+            break
+        time.sleep(0.01)
     assert (free, fenced, unfinished) == (total, 0, False)
 
 
