@@ -136,10 +136,11 @@ def wait_baseline(app: str, deadline_s: float = 120.0) -> float:
 
 async def soak(base_url: str, num_requests: int, concurrency: int, deadline_s: float, *,
                model: str = MODEL, prompt_tokens: int = PROMPT_TOKENS, max_tokens: int = 8,
-               on_done=None) -> list[str]:
+               on_done=None, seconds: list[float] | None = None) -> list[str]:
     """``num_requests`` at ``concurrency``: short prompts (decode prefills them) and long ones
     (disaggregated), streamed and whole, every 10th cancelled by its client mid-way. Returns
-    each one's outcome: ``ok``, ``cancelled`` or what went wrong (``on_done(n)`` after each)."""
+    each one's outcome: ``ok``, ``cancelled`` or what went wrong, with the seconds it took
+    (``on_done(n)`` after each; ``seconds`` gets each uncancelled request's seconds)."""
     outcomes: list[str] = []
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
@@ -154,10 +155,14 @@ async def soak(base_url: str, num_requests: int, concurrency: int, deadline_s: f
                 await task
             outcomes.append("cancelled")
             return
+        t0 = time.monotonic()
         r = await client.post("/v1/completions", json=request)
+        took = time.monotonic() - t0
+        if seconds is not None:
+            seconds.append(took)
         ok = r.status_code == 200 and (not request["stream"]
                                        or r.text.endswith("data: [DONE]\n\n"))
-        outcomes.append("ok" if ok else f"{r.status_code} {r.text[:200]}")
+        outcomes.append("ok" if ok else f"{r.status_code} after {took:.1f} s: {r.text[:200]}")
 
     sem = asyncio.Semaphore(concurrency)
 
