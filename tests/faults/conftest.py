@@ -11,7 +11,7 @@ completion record (milliseconds here); the 10 s default made every test that can
   fails within seconds.
 - ``soak_app`` (test_soak.py, ``/soak-ci``): the real DecodeServer with the shipped deadlines.
   The fault app's deadline covers a request from block reservation to usable KV, prefill's
-  queue included: a soak on it failed whenever a moment of 2 shared cores kept token 0 past it.
+  queue included: a soak on it failed in CI once token 0 came later than that (cause unknown).
 
 They run on the Ray instance already up (``make test``: the deployments tests keep theirs for
 the session), reserving little CPU next to the app there; or on one of their own. The slow

@@ -139,7 +139,7 @@ async def soak(base_url: str, num_requests: int, concurrency: int, deadline_s: f
                on_done=None, seconds: list[float] | None = None) -> list[str]:
     """``num_requests`` at ``concurrency``: short prompts (decode prefills them) and long ones
     (disaggregated), streamed and whole, every 10th cancelled by its client mid-way. Returns
-    each one's outcome: ``ok``, ``cancelled`` or what went wrong, with the seconds it took
+    each one's outcome: ``ok``, ``cancelled`` or what went wrong with its seconds
     (``on_done(n)`` after each; ``seconds`` gets each uncancelled request's seconds)."""
     outcomes: list[str] = []
 
