@@ -5,6 +5,12 @@ installed."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,3 +108,45 @@ def test_tuned_choice_routes_dense_attention(clean, monkeypatch):
                      if e.device_type == torch.autograd.DeviceType.CUDA)
     assert ("cudnn" in names) == (winner == "cudnn"), names
     assert winner != "flash" or "flash" in names, names
+
+
+_AVOID_RECOMPILE_CHILD = """
+import json, sys, torch
+sys.path[:0] = {path!r}
+from disagg.attention import dense_backends as db
+from tests.prefill.test_dense_backends_gpu import _qkv, _reference, rel_rms
+rows = []
+for n, hq, hkv, d in {shapes!r}:
+    q, k, v = _qkv(n, hq, hkv, d)
+    out = db.causal_square(q, k, v, None, "cudnn")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        db.causal_square(q, k, v, None, "cudnn")
+        torch.cuda.synchronize()
+    names = " ".join(e.name.lower() for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    rows.append({{"shape": [n, hq, hkv, d], "finite": bool(torch.isfinite(out).all()),
+                  "vs_fp32": rel_rms(out, _reference(q, k, v)), "cudnn_ran": "cudnn" in names}})
+    torch.save(out.cpu(), f"{{sys.argv[1]}}/{{n}}_{{hq}}.pt")
+print(json.dumps(rows))
+"""
+
+
+def test_cudnn_avoid_recompile_matches_fp32_and_the_default(clean, tmp_path):
+    """``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1`` (torch reads it once per process, so a child runs
+    it): cuDNN's ragged path, on our transposed ``[T, H, D]`` views at lengths one plan would
+    not cover, matches the fp32 reference and this process's default cuDNN path."""
+    shapes = [(4096, 32, 8, 128), (4095, 32, 8, 128), (3000, 9, 3, 64), (777, 32, 8, 128)]
+    root = str(Path(__file__).resolve().parents[2])
+    code = _AVOID_RECOMPILE_CHILD.format(path=[root, *sys.path], shapes=shapes)
+    env = {**os.environ, "TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [tuple(r["shape"]) for r in rows] == shapes
+    for row, (n, hq, hkv, d) in zip(rows, shapes):
+        assert row["finite"] and row["cudnn_ran"], row
+        assert row["vs_fp32"] < KERNEL_REL_RMS, row
+        q, k, v = _qkv(n, hq, hkv, d)
+        ragged = torch.load(tmp_path / f"{n}_{hq}.pt").cuda()
+        assert rel_rms(ragged, db.causal_square(q, k, v, None, "cudnn")) < KERNEL_REL_RMS, row
