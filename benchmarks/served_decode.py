@@ -22,11 +22,14 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
    chunk) / (tokens - 1), median.
    ``--module-loading`` (e.g. ``EAGER,LAZY,EAGER``) names ``CUDA_MODULE_LOADING`` for each
    start's GPU replicas in turn (``deployments/serve_env.gpu_env``; unset: the replicas'
-   default), so the two are compared in one run; each start also reports its seconds to ready
+   default), so the two are compared in one run; ``--cudnn-avoid-recompile`` (e.g. ``1,0,1,0``)
+   names ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` for each start's GPU replicas in the same way
+   (unset: ``gpu_env``'s default, 1); each start also reports its seconds to ready
    and the GPU memory in use once ready (every process on the device, this one included).
 
     python -m benchmarks.served_decode [--context 4096] [--max-tokens 64] [--requests 5]
         [--starts 3] [--long-idle 30,30,0] [--module-loading EAGER,LAZY,EAGER]
+        [--cudnn-avoid-recompile 1,0,1,0]
 """
 
 from __future__ import annotations
@@ -46,7 +49,11 @@ import torch
 from benchmarks.common import add_provenance_args, print_table, write_results
 from benchmarks.kv_handoff import app_args
 from deployments.config import AppConfig
-from deployments.serve_env import CUDA_MODULE_LOADING_ENV, set_process_env
+from deployments.serve_env import (
+    CUDA_MODULE_LOADING_ENV,
+    CUDNN_AVOID_RECOMPILE_ENV,
+    set_process_env,
+)
 
 
 def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_tokens: int,
@@ -126,9 +133,13 @@ def main() -> None:
     parser.add_argument("--module-loading", default="",
                         help="CUDA_MODULE_LOADING of each start's GPU replicas, comma-separated, "
                              "in turn (unset: the replicas' default)")
+    parser.add_argument("--cudnn-avoid-recompile", default="",
+                        help="TORCH_CUDNN_SDPA_AVOID_RECOMPILE of each start's GPU replicas, "
+                             "comma-separated, in turn (unset: gpu_env's default)")
     add_provenance_args(parser)
     args = parser.parse_args()
     loadings = [x for x in args.module_loading.split(",") if x]
+    avoids = [x for x in args.cudnn_avoid_recompile.split(",") if x]
     long_idle = [float(x) for x in args.long_idle.split(",")]
     short = [int(x) for x in args.short.split(",") if x]
     if len(long_idle) < 2:
@@ -162,6 +173,9 @@ def main() -> None:
             loading = loadings[start % len(loadings)] if loadings else None
             if loading:  # read by gpu_env() as build_app sets the replicas' options
                 os.environ[CUDA_MODULE_LOADING_ENV] = loading
+            avoid = avoids[start % len(avoids)] if avoids else None
+            if avoid:
+                os.environ[CUDNN_AVOID_RECOMPILE_ENV] = avoid
             t_start = time.perf_counter()
             serve.run(build_app(config), name="disagg", route_prefix="/")  # fresh replicas
             ready_s = time.perf_counter() - t_start
@@ -173,9 +187,11 @@ def main() -> None:
             client.get(f"{url}/-/healthz", timeout=30).raise_for_status()
             starts.append(measure_start(client, url, config.model_name, vocab, g, args.long,
                                         long_idle, short))
-            starts[-1].update(module_loading=loading, ready_s=ready_s,
+            starts[-1].update(module_loading=loading, cudnn_avoid_recompile=avoid,
+                              ready_s=ready_s,
                               device_used_gib=(total - free) / 2**30)
-            print(f"start {start + 1} ({loading or 'default'} loading, ready {ready_s:.1f} s, "
+            print(f"start {start + 1} ({loading or 'default'} loading, avoid_recompile "
+                  f"{avoid or 'default'}, ready {ready_s:.1f} s, "
                   f"{(total - free) / 2**30:.2f} GiB): long TTFT ms "
                   + " / ".join(f"{t * 1e3:.1f}" for t in starts[-1]["long_ttft_s"])
                   + "; prefill ms " + " / ".join(f"{t.get('prefill_s', float('nan')) * 1e3:.1f}"
@@ -198,7 +214,8 @@ def main() -> None:
            "first_minus_second_ms": [(a - b) * 1e3 for a, b in zip(first, second, strict=True)],
            "long_idle_s": long_idle, "long_tokens": args.long, "short_tokens": short,
            "app_starts": args.starts, "starts": starts, "requests": args.requests,
-           "module_loading": [s["module_loading"] for s in starts]}
+           "module_loading": [s["module_loading"] for s in starts],
+           "cudnn_avoid_recompile": [s["cudnn_avoid_recompile"] for s in starts]}
     row["tpot_over_itl_ms"] = row["http_tpot_ms"] - row["engine_itl_ms"]
     write_results("served_decode", [row], commit=args.commit, dirty=args.dirty, out=args.out)
     print_table([row], ["engine_itl_ms", "http_tpot_ms", "tpot_over_itl_ms", "first_long_ttft_s",
@@ -206,6 +223,7 @@ def main() -> None:
     print(f"{'idle before (s)':36s}" + "".join(f"{i:10.1f}" for i in long_idle))
     for n, st in enumerate(starts):  # each app start: where its long requests' time went
         print(f"--- app start {n + 1}: {st['module_loading'] or 'default'} module loading, "
+              f"avoid_recompile {st['cudnn_avoid_recompile'] or 'default'}, "
               f"ready in {st['ready_s']:.1f} s, {st['device_used_gib']:.2f} GiB in use")
         print(f"{'TTFT (ms)':36s}" + "".join(f"{t * 1e3:10.2f}" for t in st["long_ttft_s"]))
         print(f"{'prefill (ms)':36s}" + "".join(
