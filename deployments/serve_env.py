@@ -14,14 +14,19 @@ request, which the router then sends elsewhere. An old entry therefore costs at 
 even pick at low load, never a request sent to a full replica, so the entries are trusted for
 ``QUEUE_LENGTH_CACHE_S``. A value set in the environment wins.
 
-GPU replicas also get ``gpu_env()``: an operator's ``CUDA_MODULE_LOADING``, passed on (a
-replica started after the Ray instance would not inherit it otherwise); unset, CUDA's lazy
-default stays, each kernel loaded at its first launch. Eager loading was measured and not
-kept (RESULTS.md, "The first long prefill after ready"): on one H100 it left the served first
-32K prefill's extra over the second as it was (+28.9 and +24.7 ms eager, +28.8 lazy, one app
-start each) and cost each start ~7-15 s and the two replicas 2.1 GiB more. What a new prompt
-length pays is cuDNN's plan for the new shape (a repeated length ran 40-46 ms faster; on
-FlashAttention-2 it did not), paid by the second request as much as the first.
+GPU replicas also get ``gpu_env()``:
+- ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``: torch's cuDNN attention on the BSHD layout (our
+  ``[T, H, D]`` views are) takes cuDNN's ragged path and builds no plan per sequence length.
+  Without it every new prompt length paid a plan for each dense layer's shape: a repeated 32K
+  length ran 40-46 ms faster than a new one (one H100; FlashAttention-2 showed no such gap),
+  and a served prompt's length is as a rule new, the first after ready and the second alike
+  (RESULTS.md, "The first long prefill after ready"). An operator's value wins (``0``: the
+  plan per length).
+- an operator's ``CUDA_MODULE_LOADING``, passed on (a replica started after the Ray instance
+  would not inherit it otherwise); unset, CUDA's lazy default stays, each kernel loaded at its
+  first launch. Eager loading was measured and not kept: on one H100 it left the served first
+  32K prefill's extra over the second as it was (+28.9 and +24.7 ms eager, +28.8 lazy, one app
+  start each) and cost each start ~7-15 s and the two replicas 2.1 GiB more.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import os
 QUEUE_LENGTH_CACHE_ENV = "RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S"
 QUEUE_LENGTH_CACHE_S = 600.0
 CUDA_MODULE_LOADING_ENV = "CUDA_MODULE_LOADING"
+CUDNN_AVOID_RECOMPILE_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 
 
 def serve_env() -> dict[str, str]:
@@ -40,9 +46,13 @@ def serve_env() -> dict[str, str]:
 
 
 def gpu_env() -> dict[str, str]:
-    """What a GPU replica's process adds: the operator's ``CUDA_MODULE_LOADING``, if set."""
-    value = os.environ.get(CUDA_MODULE_LOADING_ENV)
-    return {CUDA_MODULE_LOADING_ENV: value} if value else {}
+    """What a GPU replica's process adds: cuDNN attention without a plan per sequence length
+    (the operator's value wins) and the operator's ``CUDA_MODULE_LOADING``, if set."""
+    env = {CUDNN_AVOID_RECOMPILE_ENV: os.environ.get(CUDNN_AVOID_RECOMPILE_ENV) or "1"}
+    loading = os.environ.get(CUDA_MODULE_LOADING_ENV)
+    if loading:
+        env[CUDA_MODULE_LOADING_ENV] = loading
+    return env
 
 
 def set_process_env() -> None:

@@ -20,6 +20,7 @@ from deployments.prefill_server import PrefillServer
 from deployments.router import DECODE, PREFILL, DisaggRequestRouter, LoadAutoscalingPolicy
 from deployments.serve_env import (
     CUDA_MODULE_LOADING_ENV,
+    CUDNN_AVOID_RECOMPILE_ENV,
     QUEUE_LENGTH_CACHE_ENV,
     QUEUE_LENGTH_CACHE_S,
 )
@@ -118,6 +119,20 @@ def test_gpu_replicas_get_the_operators_cuda_module_loading(monkeypatch):
     cpu = AppConfig.model_validate({"model": "random:tiny-llama"})
     env = _options(cpu.prefill, cpu)["ray_actor_options"]["runtime_env"]["env_vars"]
     assert CUDA_MODULE_LOADING_ENV not in env
+
+
+def test_gpu_replicas_run_cudnn_without_a_plan_per_length_unless_the_operator_says(monkeypatch):
+    config = AppConfig.model_validate({"model": "random:tiny-llama",
+                                       "prefill": {"num_gpus": 1}, "decode": {"num_gpus": 0.5}})
+    monkeypatch.delenv(CUDNN_AVOID_RECOMPILE_ENV, raising=False)
+    for settings in (config.prefill, config.decode):
+        env = _options(settings, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert env[CUDNN_AVOID_RECOMPILE_ENV] == "1"
+    env = _options(config.ingress, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert CUDNN_AVOID_RECOMPILE_ENV not in env
+    monkeypatch.setenv(CUDNN_AVOID_RECOMPILE_ENV, "0")  # the operator's value wins
+    env = _options(config.prefill, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env[CUDNN_AVOID_RECOMPILE_ENV] == "0"
 
 
 def test_serve_reads_the_staleness_we_set_in_a_process_it_starts():
