@@ -129,10 +129,8 @@ def main() -> None:
     worker.submit(run_one, engine, pool, startup).result()
     rows, diff = [], None
     for i, n in enumerate(lengths):
-        ids = torch.randint(0, config.vocab_size, (n,), generator=g).tolist()
-        request = EngineRequest.create(f"r{i}", ids, SamplingParams(temperature=0.0, max_tokens=1),
-                                       vocab_size=config.vocab_size,
-                                       context=config.max_context_tokens)
+        request = EngineRequest.random_prefill(f"r{i}", n, vocab_size=config.vocab_size,
+                                               context=config.max_context_tokens, generator=g)
         if args.profile and i < 2:
             row, events = worker.submit(profiled, engine, pool, request).result()
             diff = events if i == 0 else profile_diff(diff, events)

@@ -48,7 +48,6 @@ from disagg.prefill.sequence_parallel import SequenceParallelPrefill
 from disagg.prefill.sp_comm import all_reduce_bytes
 from disagg.prefill.sp_plan import ZigzagPlan
 from disagg.request import EngineRequest
-from disagg.sampling import SamplingParams
 
 COLUMNS = ["context_tokens", "mode", "sp", "source", "ttft_s", "speedup_vs_sp1",
            "parallel_efficiency", "slowest_rank_s", "comm_s", "exchanged_bytes_dense_layer",
@@ -83,9 +82,7 @@ def _num_triangle_layers(engine: PrefillEngine, num_tokens: int) -> int:
 
 
 def make_request(n: int, vocab: int) -> EngineRequest:
-    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
-    return EngineRequest.create(f"sp-{n}", ids, SamplingParams(temperature=0.0, max_tokens=1),
-                                vocab_size=vocab, context=max(n + 1, 2))
+    return EngineRequest.random_prefill(f"sp-{n}", n, vocab_size=vocab, context=max(n + 1, 2))
 
 
 def _sync(device: torch.device) -> None:

@@ -39,7 +39,6 @@ from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
 from disagg.prefill.warmup import warm_up_prefill
 from disagg.request import EngineRequest
-from disagg.sampling import SamplingParams
 
 COLUMNS = ["context_tokens", "mode", "ours_s", "attention_s", "other_s", "transformers_s",
            "speedup", "transformers_cudnn_s", "speedup_vs_cudnn", "peak_gib", "tflops"]
@@ -125,9 +124,7 @@ def _request(n: int, vocab: int, context: int) -> EngineRequest:
     """``n`` random token ids, at most ``context - 1`` (vLLM's length rule leaves one token to
     generate: the "128K" point of a 131072-token model is a 131071-token prompt)."""
     n = min(n, context - 1)
-    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
-    return EngineRequest.create(f"ttft-{n}", ids, SamplingParams(temperature=0.0, max_tokens=1),
-                                vocab_size=vocab, context=context)
+    return EngineRequest.random_prefill(f"ttft-{n}", n, vocab_size=vocab, context=context)
 
 
 def build_transformers(model, source: ModelSource):

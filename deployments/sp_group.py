@@ -47,7 +47,6 @@ from disagg.prefill.sequence_parallel import (
 )
 from disagg.prefill.sp_comm import SPCollectiveError, TorchDistCollectives
 from disagg.request import EngineRequest
-from disagg.sampling import SamplingParams
 from disagg.transport.base import (
     KVCompletion,
     KVDestination,
@@ -84,10 +83,8 @@ def _join(rank: int, world: int, init_method: str, device: torch.device,
 
 
 def _warmup_request(vocab_size: int) -> EngineRequest:
-    ids = torch.randint(0, vocab_size, (WARMUP_TOKENS,),
-                        generator=torch.Generator().manual_seed(0)).tolist()
-    return EngineRequest.create("sp-warmup", ids, SamplingParams(temperature=0.0, max_tokens=1),
-                                vocab_size=vocab_size, context=WARMUP_TOKENS + 1)
+    return EngineRequest.random_prefill("sp-warmup", WARMUP_TOKENS, vocab_size=vocab_size,
+                                        context=WARMUP_TOKENS + 1)
 
 
 @ray.remote(max_concurrency=4)  # finish/abort/ping of one request while another one runs

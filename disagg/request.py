@@ -91,3 +91,17 @@ class EngineRequest:
         max_tokens = resolve_max_tokens(len(prompt_token_ids), params.max_tokens, context=context)
         return cls(request_id, prompt_token_ids, params, max_tokens,
                    RequestSeed.of(params).value)
+
+    @classmethod
+    def random_prefill(cls, request_id: str, num_tokens: int, *, vocab_size: int, context: int,
+                       generator: torch.Generator | None = None,
+                       seed: int = 0) -> EngineRequest:
+        """``num_tokens`` uniformly random ids, greedy, one token to generate: what warm-ups and
+        benchmarks prefill where the text does not matter. Drawn from ``generator`` when given
+        (a sequence of prompts), else from a fresh one seeded ``seed`` (the same prompt each
+        time)."""
+        generator = generator or torch.Generator().manual_seed(seed)
+        ids = array("q", torch.randint(0, vocab_size, (num_tokens,), generator=generator)
+                    .numpy().tobytes())
+        return cls.create(request_id, ids, SamplingParams(temperature=0.0, max_tokens=1),
+                          vocab_size=vocab_size, context=context)

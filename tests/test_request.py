@@ -1,10 +1,12 @@
-"""EngineRequest.create: the prompt check every entry point shares, on lists and buffers."""
+"""EngineRequest.create: the prompt check every entry point shares, on lists and buffers; and
+EngineRequest.random_prefill, the random prompt of warm-ups and benchmarks."""
 
 from array import array
 
 import pytest
+import torch
 
-from disagg.errors import InvalidRequestError
+from disagg.errors import ContextLengthError, InvalidRequestError
 from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
 
@@ -34,3 +36,18 @@ def test_valid_ids_become_one_int64_buffer(ids):
     assert isinstance(request.prompt_token_ids, array)
     assert request.prompt_token_ids.typecode == "q" and list(request.prompt_token_ids) == [0, 99, 7]
     assert request.prompt_tensor().tolist() == [0, 99, 7]
+
+
+def test_random_prefill_is_a_greedy_one_token_request_of_seeded_ids():
+    a = EngineRequest.random_prefill("a", 300, vocab_size=50, context=400, seed=3)
+    assert a.num_prompt_tokens == 300 and a.max_tokens == 1 and a.params.temperature == 0.0
+    assert all(0 <= t < 50 for t in a.prompt_token_ids) and len(set(a.prompt_token_ids)) > 10
+    assert a.prompt_token_ids == EngineRequest.random_prefill(
+        "b", 300, vocab_size=50, context=400, seed=3).prompt_token_ids  # the same seed
+    g = torch.Generator().manual_seed(3)
+    first = EngineRequest.random_prefill("c", 300, vocab_size=50, context=400, generator=g)
+    second = EngineRequest.random_prefill("d", 300, vocab_size=50, context=400, generator=g)
+    assert first.prompt_token_ids == a.prompt_token_ids  # a generator in its seed's state
+    assert second.prompt_token_ids != first.prompt_token_ids  # and drawn on from there
+    with pytest.raises(ContextLengthError):
+        EngineRequest.random_prefill("e", 400, vocab_size=50, context=400)

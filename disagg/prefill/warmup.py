@@ -28,7 +28,6 @@ from disagg.attention.dense_backends import Timing, tune_causal
 from disagg.attention.metadata import AttentionKind
 from disagg.prefill.engine import PrefillEngine
 from disagg.request import EngineRequest
-from disagg.sampling import SamplingParams
 
 DENSE_WARMUP_TOKENS = 16
 
@@ -58,11 +57,8 @@ def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
         lengths += triangle_warmup_lengths(engine, max_tokens=context - 1)
     vocab = config.vocab_size
     for n in lengths:
-        ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-        request = EngineRequest.create(f"warmup-{n}", ids,
-                                       SamplingParams(temperature=0.0, max_tokens=1),
-                                       vocab_size=vocab, context=context)
-        engine.prefill(request)
+        engine.prefill(EngineRequest.random_prefill(f"warmup-{n}", n, vocab_size=vocab,
+                                                    context=context, seed=n))
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     return WarmupReport(tuple(lengths), time.perf_counter() - t0, dense_kernels)
