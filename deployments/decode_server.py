@@ -46,7 +46,7 @@ from disagg.disaggregated import (
     serve_disaggregated,
 )
 from disagg.engine_loop import EngineLoop
-from disagg.errors import DisaggError, KVTransferError
+from disagg.errors import DisaggError, KVPoolMemoryError, KVTransferError
 from disagg.openai.errors import APIError, from_exception
 from disagg.prefill.engine import PrefillBusyError
 from disagg.request import EngineRequest
@@ -103,15 +103,21 @@ class DecodeServer:
                                       cancel_grace_s=settings.cancel_grace_s,
                                       on_kv_failure=settings.on_kv_failure)
         receivers = build_receivers(config, replica_device(config, settings.num_gpus))
-        engine = DecodeEngine(
-            loaded.model,
-            DecodeConfig(block_size=settings.block_size,
-                         kv_cache_bytes=int(settings.kv_cache_gib * _GIB),
-                         max_num_seqs=settings.max_num_seqs,
-                         max_num_batched_tokens=max(2048, settings.max_num_seqs),
-                         remote_kv_timeout_s=settings.remote_kv_timeout_s,
-                         async_scheduling=settings.async_scheduling),
-            model_name=config.model_name, receivers=receivers)
+        try:
+            engine = DecodeEngine(
+                loaded.model,
+                DecodeConfig(block_size=settings.block_size,
+                             kv_cache_bytes=int(settings.kv_cache_gib * _GIB),
+                             max_num_seqs=settings.max_num_seqs,
+                             max_num_batched_tokens=max(2048, settings.max_num_seqs),
+                             remote_kv_timeout_s=settings.remote_kv_timeout_s,
+                             async_scheduling=settings.async_scheduling),
+                model_name=config.model_name, receivers=receivers)
+        except KVPoolMemoryError as e:  # name the setting: the user's fix
+            raise KVPoolMemoryError(
+                f"decode.kv_cache_gib = {settings.kv_cache_gib:g}: {e}. Lower decode.kv_cache_gib"
+                " (a GPU shared with prefill also holds its weights and its warm-up's "
+                "activations)") from e
         engine.warm_up()  # decode kernels compiled, CUDA graphs captured
         ipc = engine.receivers.receivers.get(CUDA_IPC)
         self._pools = prefill if isinstance(prefill, dict) else {DEFAULT_POOL: prefill}

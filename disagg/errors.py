@@ -35,6 +35,10 @@ class PoolCapacityError(InvalidRequestError):
     """The request (prompt + max_tokens) can never fit the decode KV pool."""
 
 
+class KVPoolMemoryError(DisaggError, MemoryError):
+    """The decode KV pool asked for does not fit the device's free memory."""
+
+
 class KVMismatchError(DisaggError):
     """Received KV was produced for another model, dtype, layout or prompt."""
 

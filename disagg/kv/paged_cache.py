@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from disagg.errors import KVMismatchError
+from disagg.errors import KVMismatchError, KVPoolMemoryError
 from disagg.kv.block_pool import BlockTable
 from disagg.kv.layout import KVLayout, PackedKV
 
@@ -31,7 +31,15 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = torch.device(device)
         shape = (num_blocks * block_size, *layout.row_shape)
-        storage = torch.zeros((2, layout.num_layers, *shape), dtype=layout.dtype, device=device)
+        try:
+            storage = torch.zeros((2, layout.num_layers, *shape), dtype=layout.dtype,
+                                  device=device)
+        except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; the CPU allocator: "allocate"
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            raise KVPoolMemoryError(
+                f"a KV pool of {num_blocks} blocks ({self.num_bytes / 2**30:.2f} GiB) does not "
+                f"fit on {self.device}{_free_memory(self.device)}: ask for a smaller pool") from e
         self.k = list(storage[0].unbind(0))
         self.v = list(storage[1].unbind(0))
 
@@ -83,3 +91,11 @@ class PagedKVCache:
             raise KVMismatchError(
                 f"received KV has {got[0]} layers of rows {got[1]} in {got[2]}; this cache "
                 f"holds {expected[0]} layers of rows {expected[1]} in {expected[2]}")
+
+
+def _free_memory(device: torch.device) -> str:
+    """", where X of Y GiB are free" on CUDA (every process's use counted), else ""."""
+    if device.type != "cuda":
+        return ""
+    free, total = torch.cuda.mem_get_info(device)
+    return f", where {free / 2**30:.2f} of {total / 2**30:.2f} GiB are free"

@@ -1,11 +1,12 @@
-"""The paged KV cache: write_packed is bit-exact and touches only the request's rows."""
+"""The paged KV cache: write_packed is bit-exact and touches only the request's rows; a pool that
+does not fit in memory is refused with its size named."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from disagg.errors import KVMismatchError
+from disagg.errors import KVMismatchError, KVPoolMemoryError
 from disagg.kv.block_pool import BlockPool
 from disagg.kv.layout import KVLayout, PackedKV
 from disagg.kv.paged_cache import PagedKVCache
@@ -73,3 +74,11 @@ def test_write_packed_rejects_another_layout():
         cache.write_packed(table, random_packed(KVLayout(3, 2, 8, torch.float32), 5, 0))
     with pytest.raises(KVMismatchError):
         cache.write_packed(table, random_packed(KVLayout(2, 2, 8, torch.bfloat16), 5, 0))
+
+
+def test_a_pool_that_does_not_fit_is_a_typed_error_naming_its_size():
+    layout = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    with pytest.raises(KVPoolMemoryError) as info:  # 2 PiB: no allocator gives that
+        PagedKVCache(layout, num_blocks=1 << 30, block_size=16)
+    assert "1073741824 blocks (2097152.00 GiB)" in str(info.value), info.value
+    assert isinstance(info.value, MemoryError)
