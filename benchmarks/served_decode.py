@@ -24,7 +24,7 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
    start's GPU replicas in turn (``deployments/serve_env.gpu_env``; unset: the replicas'
    default), so the two are compared in one run; ``--cudnn-avoid-recompile`` (e.g. ``1,0,1,0``)
    names ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` for each start's GPU replicas in the same way
-   (unset: ``gpu_env``'s default, 1); each start also reports its seconds to ready
+   (unset: the operator's, else torch's default); each start also reports its seconds to ready
    and the GPU memory in use once ready (every process on the device, this one included).
 
     python -m benchmarks.served_decode [--context 4096] [--max-tokens 64] [--requests 5]
@@ -135,7 +135,7 @@ def main() -> None:
                              "in turn (unset: the replicas' default)")
     parser.add_argument("--cudnn-avoid-recompile", default="",
                         help="TORCH_CUDNN_SDPA_AVOID_RECOMPILE of each start's GPU replicas, "
-                             "comma-separated, in turn (unset: gpu_env's default)")
+                             "comma-separated, in turn (unset: the operator's, else torch's)")
     add_provenance_args(parser)
     args = parser.parse_args()
     loadings = [x for x in args.module_loading.split(",") if x]

@@ -14,19 +14,21 @@ request, which the router then sends elsewhere. An old entry therefore costs at 
 even pick at low load, never a request sent to a full replica, so the entries are trusted for
 ``QUEUE_LENGTH_CACHE_S``. A value set in the environment wins.
 
-GPU replicas also get ``gpu_env()``:
-- ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``: torch's cuDNN attention on the BSHD layout (our
-  ``[T, H, D]`` views are) takes cuDNN's ragged path and builds no plan per sequence length.
-  Without it every new prompt length paid a plan for each dense layer's shape: a repeated 32K
-  length ran 40-46 ms faster than a new one (one H100; FlashAttention-2 showed no such gap),
-  and a served prompt's length is as a rule new, the first after ready and the second alike
-  (RESULTS.md, "The first long prefill after ready"). An operator's value wins (``0``: the
-  plan per length).
-- an operator's ``CUDA_MODULE_LOADING``, passed on (a replica started after the Ray instance
-  would not inherit it otherwise); unset, CUDA's lazy default stays, each kernel loaded at its
-  first launch. Eager loading was measured and not kept: on one H100 it left the served first
-  32K prefill's extra over the second as it was (+28.9 and +24.7 ms eager, +28.8 lazy, one app
+GPU replicas also get ``gpu_env()``, the operator's values of:
+- ``CUDA_MODULE_LOADING``, passed on (a replica started after the Ray instance would not
+  inherit it otherwise); unset, CUDA's lazy default stays, each kernel loaded at its first
+  launch. Eager loading was measured and not kept: on one H100 it left the served first 32K
+  prefill's extra over the second as it was (+28.9 and +24.7 ms eager, +28.8 lazy, one app
   start each) and cost each start ~7-15 s and the two replicas 2.1 GiB more.
+- ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE``: ``1`` makes torch's cuDNN attention on the BSHD layout
+  (our ``[T, H, D]`` views are) take cuDNN's ragged path, which builds no plan per sequence
+  length. Unset, every new prompt length pays a plan for its shape: a repeated 32K length ran
+  40-46 ms faster than a new one on one H100 (FlashAttention-2 showed no such gap), and a
+  served prompt's length is as a rule new (RESULTS.md, "The first long prefill after ready").
+  Passed on, not set: its speed and its outputs on the GPU are not measured yet
+  (``benchmarks/served_decode.py --cudnn-avoid-recompile 1,0,1`` compares it served,
+  ``benchmarks/first_prefill_gpu_session.sh`` in one process, and
+  ``tests/prefill/test_dense_backends_gpu.py`` checks its outputs).
 """
 
 from __future__ import annotations
@@ -46,13 +48,10 @@ def serve_env() -> dict[str, str]:
 
 
 def gpu_env() -> dict[str, str]:
-    """What a GPU replica's process adds: cuDNN attention without a plan per sequence length
-    (the operator's value wins) and the operator's ``CUDA_MODULE_LOADING``, if set."""
-    env = {CUDNN_AVOID_RECOMPILE_ENV: os.environ.get(CUDNN_AVOID_RECOMPILE_ENV) or "1"}
-    loading = os.environ.get(CUDA_MODULE_LOADING_ENV)
-    if loading:
-        env[CUDA_MODULE_LOADING_ENV] = loading
-    return env
+    """What a GPU replica's process adds: the operator's ``CUDA_MODULE_LOADING`` and
+    ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE``, those set."""
+    names = (CUDA_MODULE_LOADING_ENV, CUDNN_AVOID_RECOMPILE_ENV)
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def set_process_env() -> None:

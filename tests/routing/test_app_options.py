@@ -121,18 +121,18 @@ def test_gpu_replicas_get_the_operators_cuda_module_loading(monkeypatch):
     assert CUDA_MODULE_LOADING_ENV not in env
 
 
-def test_gpu_replicas_run_cudnn_without_a_plan_per_length_unless_the_operator_says(monkeypatch):
+def test_gpu_replicas_get_the_operators_cudnn_avoid_recompile(monkeypatch):
     config = AppConfig.model_validate({"model": "random:tiny-llama",
                                        "prefill": {"num_gpus": 1}, "decode": {"num_gpus": 0.5}})
     monkeypatch.delenv(CUDNN_AVOID_RECOMPILE_ENV, raising=False)
+    env = _options(config.prefill, config)["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert CUDNN_AVOID_RECOMPILE_ENV not in env  # unset: torch's default (a plan per length)
+    monkeypatch.setenv(CUDNN_AVOID_RECOMPILE_ENV, "1")
     for settings in (config.prefill, config.decode):
         env = _options(settings, config)["ray_actor_options"]["runtime_env"]["env_vars"]
         assert env[CUDNN_AVOID_RECOMPILE_ENV] == "1"
     env = _options(config.ingress, config)["ray_actor_options"]["runtime_env"]["env_vars"]
     assert CUDNN_AVOID_RECOMPILE_ENV not in env
-    monkeypatch.setenv(CUDNN_AVOID_RECOMPILE_ENV, "0")  # the operator's value wins
-    env = _options(config.prefill, config)["ray_actor_options"]["runtime_env"]["env_vars"]
-    assert env[CUDNN_AVOID_RECOMPILE_ENV] == "0"
 
 
 def test_serve_reads_the_staleness_we_set_in_a_process_it_starts():
