@@ -111,10 +111,13 @@ def test_tuned_choice_routes_dense_attention(clean, monkeypatch):
 
 
 _AVOID_RECOMPILE_CHILD = """
-import json, sys, torch
+import importlib.util, json, sys, torch
 sys.path[:0] = {path!r}
 from disagg.attention import dense_backends as db
-from tests.prefill.test_dense_backends_gpu import _qkv, _reference, rel_rms
+spec = importlib.util.spec_from_file_location("dense_backends_gpu", {module!r})
+here = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(here)
+_qkv, _reference, rel_rms = here._qkv, here._reference, here.rel_rms
 rows = []
 for n, hq, hkv, d in {shapes!r}:
     q, k, v = _qkv(n, hq, hkv, d)
@@ -137,7 +140,7 @@ def test_cudnn_avoid_recompile_matches_fp32_and_the_default(clean, tmp_path):
     not cover, matches the fp32 reference and this process's default cuDNN path."""
     shapes = [(4096, 32, 8, 128), (4095, 32, 8, 128), (3000, 9, 3, 64), (777, 32, 8, 128)]
     root = str(Path(__file__).resolve().parents[2])
-    code = _AVOID_RECOMPILE_CHILD.format(path=[root, *sys.path], shapes=shapes)
+    code = _AVOID_RECOMPILE_CHILD.format(path=[root, *sys.path], module=__file__, shapes=shapes)
     env = {**os.environ, "TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
