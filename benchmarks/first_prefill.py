@@ -33,7 +33,7 @@ from deployments.serve_env import CUDA_MODULE_LOADING_ENV
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
-from disagg.prefill.warmup import LONG_WARMUP_TOKENS, warm_up_prefill
+from disagg.prefill.warmup import warm_up_prefill
 from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
 from disagg.transport.base import KVDestination, KVHeader
@@ -105,8 +105,6 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3.1-8b", help="random config name")
     parser.add_argument("--lengths", default="32768,32767,32766")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--long-warmup", type=int, default=LONG_WARMUP_TOKENS,
-                        help="warm_up_prefill's long prefill (tokens; 0: none, as before it)")
     parser.add_argument("--module-loading", choices=("EAGER", "LAZY"),
                         help="CUDA_MODULE_LOADING (default: the environment's, else lazy)")
     add_provenance_args(parser)
@@ -123,7 +121,7 @@ def main() -> None:
                            trianglemix=published_trianglemix(args.model))
     pool = PoolStandIn(engine, max(lengths))
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
-    report = worker.submit(warm_up_prefill, engine, long_tokens=args.long_warmup).result()
+    report = worker.submit(warm_up_prefill, engine).result()
     g = torch.Generator().manual_seed(2)
     startup = EngineRequest.create("warmup-writer", list(range(1, 17)),
                                    SamplingParams(temperature=0.0, max_tokens=1),

@@ -14,12 +14,6 @@ Life of a warm-up (``warm_up_prefill``, called once by the server before it repo
    class not seen yet would compile (seconds) inside a user's request. ``triangle_warmup_lengths``
    picks the shortest prompt of every class that served prompts can reach; each of those
    prefills runs the last rows' launch, the band launch and the split merge.
-3. On CUDA, one long prefill (``LONG_WARMUP_TOKENS``, at most the longest prompt): torch's
-   caching allocator takes from CUDA the segments a prompt up to that length needs, so a
-   user's first long prompt makes no ``cudaMalloc`` of its own (13 new segments, +4 to +45 ms
-   on a 32K prefill, before this step; benchmarks/RESULTS.md). A longer first prompt still
-   grows the pool once. It also fails the start, not a request, where such a prompt does not
-   fit the GPU.
 On CPU the engine runs PyTorch references (no JIT): one tiny prefill checks the path.
 """
 
@@ -36,7 +30,6 @@ from disagg.prefill.engine import PrefillEngine
 from disagg.request import EngineRequest
 
 DENSE_WARMUP_TOKENS = 16
-LONG_WARMUP_TOKENS = 65536
 
 
 @dataclass(frozen=True)
@@ -48,11 +41,8 @@ class WarmupReport:
     dense_kernels: tuple[Timing, ...] = ()
 
 
-def warm_up_prefill(engine: PrefillEngine, *,
-                    long_tokens: int = LONG_WARMUP_TOKENS) -> WarmupReport:
-    """Run the prefills that compile every kernel ``engine`` will run and, on CUDA, one of
-    ``long_tokens`` (capped at the longest prompt; 0: none) that sizes the allocator's pool
-    (see the module doc)."""
+def warm_up_prefill(engine: PrefillEngine) -> WarmupReport:
+    """Run the prefills that compile every kernel ``engine`` will run (see the module doc)."""
     t0 = time.perf_counter()
     config = engine.model.config
     context = config.max_context_tokens
@@ -65,23 +55,13 @@ def warm_up_prefill(engine: PrefillEngine, *,
     lengths = [min(DENSE_WARMUP_TOKENS, context - 1)]
     if engine.device.type == "cuda" and engine.trianglemix is not None:
         lengths += triangle_warmup_lengths(engine, max_tokens=context - 1)
-    if engine.device.type == "cuda" and min(long_tokens, context - 1) > lengths[-1]:
-        lengths.append(min(long_tokens, context - 1))
     vocab = config.vocab_size
-    for n in lengths:  # KV dropped layer by layer, as a served prefill's writer frees it
+    for n in lengths:
         engine.prefill(EngineRequest.random_prefill(f"warmup-{n}", n, vocab_size=vocab,
-                                                    context=context, seed=n), DiscardKV())
+                                                    context=context, seed=n))
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     return WarmupReport(tuple(lengths), time.perf_counter() - t0, dense_kernels)
-
-
-class DiscardKV:
-    """A KV sink that keeps nothing: a warm-up prefill's K/V are freed as soon as its layer has
-    written them, as a served prefill's are once its writer has copied them out."""
-
-    def write_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        del layer, k, v
 
 
 def num_dense_layers(engine: PrefillEngine, num_prompt_tokens: int) -> int:
