@@ -33,6 +33,7 @@ from deployments.serve_env import CUDA_MODULE_LOADING_ENV
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
+from disagg.prefill.profiling import diff_lines, event_times, profile_diff
 from disagg.prefill.warmup import warm_up_prefill
 from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
@@ -82,22 +83,7 @@ def profiled(engine: PrefillEngine, pool: PoolStandIn, request: EngineRequest):
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         row = run_one(engine, pool, request)
-    events = {e.key: (e.self_cpu_time_total, e.self_device_time_total, e.count)
-              for e in prof.key_averages()}
-    return row, events
-
-
-def profile_diff(first: dict, second: dict, top: int = 25) -> list[dict]:
-    """The events whose self CPU or self device microseconds differ most, first minus second."""
-    zero = (0.0, 0.0, 0)
-    rows = []
-    for key in sorted(set(first) | set(second)):
-        a, b = first.get(key, zero), second.get(key, zero)
-        rows.append({"event": key, "cpu_us": a[0] - b[0], "device_us": a[1] - b[1],
-                     "calls": [a[2], b[2]]})
-    by_cpu = sorted(rows, key=lambda r: -abs(r["cpu_us"]))[:top]
-    by_device = sorted(rows, key=lambda r: -abs(r["device_us"]))[:top]
-    return by_cpu + [r for r in by_device if r not in by_cpu]
+    return row, event_times(prof)
 
 
 def main() -> None:
@@ -148,10 +134,7 @@ def main() -> None:
                          "profile_diff": diff if args.profile else None})
     print_table(rows, ["request", "prompt_tokens", "prefill_ms", "new_segments"])
     if args.profile:
-        print(f"{'event (first - second)':60s} {'cpu us':>10s} {'device us':>10s}  calls")
-        for r in diff:
-            print(f"{r['event'][:60]:60s} {r['cpu_us']:10.0f} {r['device_us']:10.0f}  "
-                  f"{r['calls']}")
+        print("\n".join(diff_lines(diff)))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,14 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
    names ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` for each start's GPU replicas in the same way
    (unset: the operator's, else torch's default); each start also reports its seconds to ready
    and the GPU memory in use once ready (every process on the device, this one included).
+   ``--profile-prefills DIR``: every start's prefill replica profiles its first two long
+   prefills (``disagg/prefill/profiling.py``); the events the first spent most more time in
+   are printed per replica and kept. The profiler slows what it watches: timings of such a run
+   are not the served ones.
 
     python -m benchmarks.served_decode [--context 4096] [--max-tokens 64] [--requests 5]
         [--starts 3] [--long-idle 30,30,0] [--module-loading EAGER,LAZY,EAGER]
-        [--cudnn-avoid-recompile 1,0,1,0]
+        [--cudnn-avoid-recompile 1,0,1,0] [--profile-prefills DIR]
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from deployments.serve_env import (
     CUDNN_AVOID_RECOMPILE_ENV,
     set_process_env,
 )
+from disagg.prefill.profiling import PROFILE_PREFILLS_ENV, diff_lines, replica_diffs
 
 
 def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_tokens: int,
@@ -136,6 +141,9 @@ def main() -> None:
     parser.add_argument("--cudnn-avoid-recompile", default="",
                         help="TORCH_CUDNN_SDPA_AVOID_RECOMPILE of each start's GPU replicas, "
                              "comma-separated, in turn (unset: the operator's, else torch's)")
+    parser.add_argument("--profile-prefills", type=Path,
+                        help="directory: the prefill replicas profile their first two long "
+                             "prefills there (timings of such a run are perturbed)")
     add_provenance_args(parser)
     args = parser.parse_args()
     loadings = [x for x in args.module_loading.split(",") if x]
@@ -162,6 +170,8 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     set_process_env()  # what `make serve` gives Serve's proxy (deployments/serve_env.py)
+    if args.profile_prefills:  # read by gpu_env() as build_app sets the replicas' options
+        os.environ[PROFILE_PREFILLS_ENV] = str(args.profile_prefills.resolve())
     ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
@@ -217,6 +227,8 @@ def main() -> None:
            "module_loading": [s["module_loading"] for s in starts],
            "cudnn_avoid_recompile": [s["cudnn_avoid_recompile"] for s in starts]}
     row["tpot_over_itl_ms"] = row["http_tpot_ms"] - row["engine_itl_ms"]
+    if args.profile_prefills:
+        row["prefill_profiles"] = replica_diffs(args.profile_prefills)
     write_results("served_decode", [row], commit=args.commit, dirty=args.dirty, out=args.out)
     print_table([row], ["engine_itl_ms", "http_tpot_ms", "tpot_over_itl_ms", "first_long_ttft_s",
                         "second_long_ttft_s"])
@@ -237,6 +249,10 @@ def main() -> None:
         print(f"{'short prompt (tokens)':36s}" + "".join(f"{n:10d}" for n in short))
         print(f"{'short TTFT (ms)':36s}" + "".join(f"{t * 1e3:10.2f}"
                                                   for t in st["short_ttft_s"]))
+    for profile in row.get("prefill_profiles", []):  # first minus second, per replica
+        print(f"--- prefill replica {profile['pid']}: prompts {profile['prompt_tokens']}, "
+              f"profiled ms " + " / ".join(f"{t:.1f}" for t in profile["profiled_ms"]))
+        print("\n".join(diff_lines(profile["diff"])))
 
 if __name__ == "__main__":
     main()

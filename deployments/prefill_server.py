@@ -34,6 +34,7 @@ from deployments.runtime import load_replica_model, replica_device, trianglemix_
 from deployments.sp_group import SPGroupEngine
 from disagg.disaggregated import FirstToken, PrefillEvent
 from disagg.prefill.engine import PrefillConfig, PrefillEngine
+from disagg.prefill.profiling import FirstPrefillProfiler
 from disagg.prefill.warmup import warm_up_prefill
 from disagg.prefill.worker import run_prefill
 from disagg.request import EngineRequest
@@ -69,6 +70,9 @@ class PrefillServer:
             senders=build_senders(config, replica_device(config, settings.num_gpus)),
             config=PrefillConfig(max_leased_bytes=int(settings.max_leased_gib * _GIB)),
         )
+        # Off unless the operator sets DISAGG_PROFILE_PREFILLS (disagg/prefill/profiling.py).
+        profiler = FirstPrefillProfiler.from_env(self.engine.device)
+        self._profile = profiler.around if profiler is not None else None
         self._sp_group = None
         if settings.sp > 1:  # this replica is rank 0 of an SP group (deployments/sp_group.py)
             self.engine = self._sp_group = SPGroupEngine.start(config, self.engine)
@@ -102,7 +106,8 @@ class PrefillServer:
         self._metrics.prefill_queue_tokens.set(self._queued_tokens)
         try:
             async for event in run_prefill(self.engine, request, destinations,
-                                           executor=self._executor, eos_token_ids=self._eos):
+                                           executor=self._executor, eos_token_ids=self._eos,
+                                           around=None if warmup else self._profile):
                 if isinstance(event, FirstToken):
                     self._queue.done(request.request_id, time.time())
                     self._queued_tokens -= n

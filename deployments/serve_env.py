@@ -25,15 +25,18 @@ GPU replicas also get ``gpu_env()``, the operator's values of:
   length. Unset, every new prompt length pays a plan for its shape: a repeated 32K length ran
   40-46 ms faster than a new one on one H100 (FlashAttention-2 showed no such gap), and a
   served prompt's length is as a rule new (RESULTS.md, "The first long prefill after ready").
-  Passed on, not set: its speed and its outputs on the GPU are not measured yet
-  (``benchmarks/served_decode.py --cudnn-avoid-recompile 1,0,1`` compares it served,
-  ``benchmarks/first_prefill_gpu_session.sh`` in one process, and
-  ``tests/prefill/test_dense_backends_gpu.py`` checks its outputs).
+  Passed on, not set: its outputs hold (``tests/prefill/test_dense_backends_gpu.py``), but
+  served on one H100 it did not make 32K prefills of new lengths faster (median 1033 against
+  1039 ms, 8 requests each, ``benchmarks/served_decode.py --cudnn-avoid-recompile 1,0,1,0``).
+- ``DISAGG_PROFILE_PREFILLS``: a directory; a prefill replica then profiles its first served
+  long prefills there (``disagg/prefill/profiling.py``, a diagnostic).
 """
 
 from __future__ import annotations
 
 import os
+
+from disagg.prefill.profiling import PROFILE_PREFILLS_ENV
 
 QUEUE_LENGTH_CACHE_ENV = "RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S"
 QUEUE_LENGTH_CACHE_S = 600.0
@@ -48,9 +51,9 @@ def serve_env() -> dict[str, str]:
 
 
 def gpu_env() -> dict[str, str]:
-    """What a GPU replica's process adds: the operator's ``CUDA_MODULE_LOADING`` and
-    ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE``, those set."""
-    names = (CUDA_MODULE_LOADING_ENV, CUDNN_AVOID_RECOMPILE_ENV)
+    """What a GPU replica's process adds: the operator's ``CUDA_MODULE_LOADING``,
+    ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` and ``DISAGG_PROFILE_PREFILLS``, those set."""
+    names = (CUDA_MODULE_LOADING_ENV, CUDNN_AVOID_RECOMPILE_ENV, PROFILE_PREFILLS_ENV)
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 

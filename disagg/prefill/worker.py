@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 
 from disagg.disaggregated import FirstToken, PrefillEvent
 from disagg.prefill.engine import PrefillEngine, first_token_finish_reason
@@ -29,7 +30,10 @@ from disagg.transport.base import KVDestination, KVHeader
 
 async def run_prefill(engine: PrefillEngine, request: EngineRequest,
                       offers: tuple[KVDestination, ...], *, executor: ThreadPoolExecutor,
-                      eos_token_ids: tuple[int, ...]) -> AsyncIterator[PrefillEvent]:
+                      eos_token_ids: tuple[int, ...],
+                      around: Callable[[EngineRequest], AbstractContextManager] | None = None
+                      ) -> AsyncIterator[PrefillEvent]:
+    """``around``: a context the worker runs the prefill in (``FirstPrefillProfiler.around``)."""
     cancelled = threading.Event()
     t_submit = time.perf_counter()
     marks = {"prefill_received": time.time()}
@@ -39,12 +43,13 @@ async def run_prefill(engine: PrefillEngine, request: EngineRequest,
         marks["prefill_started"] = time.time()
         if cancelled.is_set():
             raise asyncio.CancelledError()
-        writer = engine.open_writer(offers)
-        try:
-            return writer, engine.prefill(request, writer, cancelled.is_set), t_start
-        except BaseException:
-            writer.abort()
-            raise
+        with around(request) if around is not None else nullcontext():
+            writer = engine.open_writer(offers)
+            try:
+                return writer, engine.prefill(request, writer, cancelled.is_set), t_start
+            except BaseException:
+                writer.abort()
+                raise
 
     future = executor.submit(work)
     writer = None

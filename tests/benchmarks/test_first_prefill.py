@@ -1,11 +1,11 @@
 """benchmarks/first_prefill.py on CPU: each timed prefill lands its KV in the pool stand-in
-through the direct writer, and the profile diff ranks events by how much the first differs."""
+through the direct writer."""
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.first_prefill import PoolStandIn, profile_diff, run_one
+from benchmarks.first_prefill import PoolStandIn, run_one
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
@@ -32,11 +32,3 @@ def test_run_one_writes_the_prompt_kv_into_the_pool():
         torch.testing.assert_close(pool.v[layer][:40], expected.v[layer])
         assert pool.k[layer][40:].isnan().all()  # rows past the prompt untouched
 
-
-def test_profile_diff_ranks_by_the_first_requests_extra():
-    first = {"a": (100.0, 0.0, 1), "b": (10.0, 500.0, 2), "c": (7.0, 0.0, 1)}
-    second = {"a": (20.0, 0.0, 1), "b": (12.0, 100.0, 2), "d": (3.0, 0.0, 1)}
-    rows = profile_diff(first, second, top=2)
-    assert [r["event"] for r in rows] == ["a", "c", "b"]  # top 2 by CPU, then by device
-    assert rows[0]["cpu_us"] == 80.0 and rows[2]["device_us"] == 400.0
-    assert rows[2]["calls"] == [2, 2]

@@ -24,6 +24,7 @@ from deployments.serve_env import (
     QUEUE_LENGTH_CACHE_ENV,
     QUEUE_LENGTH_CACHE_S,
 )
+from disagg.prefill.profiling import PROFILE_PREFILLS_ENV
 
 ARGS = {"model": "random:tiny-llama",
         "prefill": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}},
@@ -121,18 +122,22 @@ def test_gpu_replicas_get_the_operators_cuda_module_loading(monkeypatch):
     assert CUDA_MODULE_LOADING_ENV not in env
 
 
-def test_gpu_replicas_get_the_operators_cudnn_avoid_recompile(monkeypatch):
+@pytest.mark.parametrize("name, value", [
+    (CUDNN_AVOID_RECOMPILE_ENV, "1"),  # unset: torch's default (a plan per length)
+    (PROFILE_PREFILLS_ENV, "/tmp/prefill-profiles"),  # unset: no profiling
+])
+def test_gpu_replicas_get_the_operators_value_of(monkeypatch, name, value):
     config = AppConfig.model_validate({"model": "random:tiny-llama",
                                        "prefill": {"num_gpus": 1}, "decode": {"num_gpus": 0.5}})
-    monkeypatch.delenv(CUDNN_AVOID_RECOMPILE_ENV, raising=False)
+    monkeypatch.delenv(name, raising=False)
     env = _options(config.prefill, config)["ray_actor_options"]["runtime_env"]["env_vars"]
-    assert CUDNN_AVOID_RECOMPILE_ENV not in env  # unset: torch's default (a plan per length)
-    monkeypatch.setenv(CUDNN_AVOID_RECOMPILE_ENV, "1")
+    assert name not in env
+    monkeypatch.setenv(name, value)
     for settings in (config.prefill, config.decode):
         env = _options(settings, config)["ray_actor_options"]["runtime_env"]["env_vars"]
-        assert env[CUDNN_AVOID_RECOMPILE_ENV] == "1"
+        assert env[name] == value
     env = _options(config.ingress, config)["ray_actor_options"]["runtime_env"]["env_vars"]
-    assert CUDNN_AVOID_RECOMPILE_ENV not in env
+    assert name not in env
 
 
 def test_serve_reads_the_staleness_we_set_in_a_process_it_starts():
