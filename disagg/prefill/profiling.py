@@ -3,9 +3,9 @@ the next one does not, seen in the process that pays it. A diagnostic, off unles
 
 ``DISAGG_PROFILE_PREFILLS=DIR`` in a prefill replica's environment (GPU replicas get an
 operator's value through ``deployments.serve_env.gpu_env``) makes the replica profile its
-first ``count`` served prefills of at least ``min_tokens`` tokens (warm-ups excluded) with
-torch.profiler, on the worker thread that runs them. Each writes
-``DIR/prefill_<pid>_<n>.json``: the prompt length, the milliseconds under the profiler and,
+first ``count`` (2) served prefills of at least ``min_tokens`` tokens (default 0: any prompt
+the router sends it; warm-ups excluded) with torch.profiler, on the worker thread that runs
+them. Each writes ``DIR/prefill_<pid>_<n>.json``: the prompt length, the milliseconds under the profiler and,
 per event, its self CPU and self device microseconds and its call count. ``profile_diff`` ranks
 the events by how much more the first of two spent (``benchmarks/served_decode.py
 --profile-prefills DIR`` prints it per replica; ``benchmarks/first_prefill.py --profile`` does
@@ -34,7 +34,7 @@ class FirstPrefillProfiler:
     """Profiles the first ``count`` prefills of at least ``min_tokens`` tokens it is handed."""
 
     def __init__(self, out_dir: str | os.PathLike, device: torch.device, *, count: int = 2,
-                 min_tokens: int = 8192):
+                 min_tokens: int = 0):
         self.out_dir = Path(out_dir)
         self.device = device
         self.count = count
