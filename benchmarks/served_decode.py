@@ -26,8 +26,9 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
    names ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE`` for each start's GPU replicas in the same way
    (unset: the operator's, else torch's default); each start also reports its seconds to ready
    and the GPU memory in use once ready (every process on the device, this one included).
-   ``--profile-prefills DIR``: every start's prefill replica profiles its first two long
-   prefills (``disagg/prefill/profiling.py``); the events the first spent most more time in
+   ``--profile-prefills DIR``: every start's prefill replica profiles its first two prefills
+   (the first two long prompts: decode prefills short ones itself;
+   ``disagg/prefill/profiling.py``); the events the first spent most more time in
    are printed per replica and kept. The profiler slows what it watches: timings of such a run
    are not the served ones.
 
@@ -142,7 +143,7 @@ def main() -> None:
                         help="TORCH_CUDNN_SDPA_AVOID_RECOMPILE of each start's GPU replicas, "
                              "comma-separated, in turn (unset: the operator's, else torch's)")
     parser.add_argument("--profile-prefills", type=Path,
-                        help="directory: the prefill replicas profile their first two long "
+                        help="directory: the prefill replicas profile their first two "
                              "prefills there (timings of such a run are perturbed)")
     add_provenance_args(parser)
     args = parser.parse_args()

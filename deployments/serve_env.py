@@ -28,8 +28,8 @@ GPU replicas also get ``gpu_env()``, the operator's values of:
   Passed on, not set: its outputs hold (``tests/prefill/test_dense_backends_gpu.py``), but
   served on one H100 it did not make 32K prefills of new lengths faster (median 1033 against
   1039 ms, 8 requests each, ``benchmarks/served_decode.py --cudnn-avoid-recompile 1,0,1,0``).
-- ``DISAGG_PROFILE_PREFILLS``: a directory; a prefill replica then profiles its first served
-  long prefills there (``disagg/prefill/profiling.py``, a diagnostic).
+- ``DISAGG_PROFILE_PREFILLS``: a directory; a prefill replica then profiles its first two
+  served prefills there (``disagg/prefill/profiling.py``, a diagnostic).
 """
 
 from __future__ import annotations

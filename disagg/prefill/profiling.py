@@ -5,9 +5,10 @@ the next one does not, seen in the process that pays it. A diagnostic, off unles
 operator's value through ``deployments.serve_env.gpu_env``) makes the replica profile its
 first ``count`` (2) served prefills of at least ``min_tokens`` tokens (default 0: any prompt
 the router sends it; warm-ups excluded) with torch.profiler, on the worker thread that runs
-them. Each writes ``DIR/prefill_<pid>_<n>.json``: the prompt length, the milliseconds under the profiler and,
-per event, its self CPU and self device microseconds and its call count. ``profile_diff`` ranks
-the events by how much more the first of two spent (``benchmarks/served_decode.py
+them. Each writes ``DIR/prefill_<pid>_<n>.json``: the prompt length, the milliseconds under
+the profiler and, per event, its self CPU and self device microseconds and its call count; a
+file that cannot be written is logged, and the request goes on. ``profile_diff`` ranks the
+events by how much more the first of two spent (``benchmarks/served_decode.py
 --profile-prefills DIR`` prints it per replica; ``benchmarks/first_prefill.py --profile`` does
 the same in one process). The profiler slows what it watches: profile in a run of its own.
 """
@@ -15,6 +16,7 @@ the same in one process). The profiler slows what it watches: profile in a run o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ import torch
 from disagg.request import EngineRequest
 
 PROFILE_PREFILLS_ENV = "DISAGG_PROFILE_PREFILLS"
+logger = logging.getLogger(__name__)
 
 EventTimes = dict[str, tuple[float, float, int]]  # event: (self CPU us, self device us, calls)
 
@@ -65,12 +68,15 @@ class FirstPrefillProfiler:
                 torch.cuda.synchronize(self.device)
         elapsed_ms = (time.perf_counter() - t0) * 1e3
         path = self.out_dir / f"prefill_{os.getpid()}_{len(self.written)}.json"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({
-            "pid": os.getpid(), "index": len(self.written), "request_id": request.request_id,
-            "prompt_tokens": request.num_prompt_tokens, "profiled_ms": elapsed_ms,
-            "events": event_times(prof)}))
-        self.written.append(path)
+        try:  # a diagnostic: the prefill it watched has succeeded either way
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({
+                "pid": os.getpid(), "index": len(self.written),
+                "request_id": request.request_id, "prompt_tokens": request.num_prompt_tokens,
+                "profiled_ms": elapsed_ms, "events": event_times(prof)}))
+        except OSError as e:
+            logger.warning("prefill profile %s not written: %s", path, e)
+        self.written.append(path)  # counted even if unwritten: profile only the first ones
 
 
 def event_times(prof) -> EventTimes:

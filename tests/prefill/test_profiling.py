@@ -72,6 +72,19 @@ def test_served_prefills_profile_the_first_long_ones_only(tmp_path):
     assert replica["diff"] == profile_diff(records[0]["events"], records[1]["events"], 3)
 
 
+def test_a_profile_that_cannot_be_written_leaves_the_prefill_as_it_was(tmp_path, caplog):
+    model, _ = random_model("tiny-llama")
+    engine = PrefillEngine(model, model_name="tiny-llama")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # the directory's place is taken: mkdir fails
+    profiler = FirstPrefillProfiler(blocked, torch.device("cpu"), count=1)
+    request = _request(model, "r", 40)
+    with profiler.around(request):
+        result = engine.prefill(request)
+    assert result.first_token == engine.prefill(request).first_token
+    assert "not written" in caplog.text and len(profiler.written) == 1
+
+
 def test_profiler_is_off_unless_its_variable_names_a_directory(monkeypatch, tmp_path):
     monkeypatch.delenv(PROFILE_PREFILLS_ENV, raising=False)
     assert FirstPrefillProfiler.from_env(torch.device("cpu")) is None
