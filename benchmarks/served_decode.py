@@ -252,7 +252,9 @@ def main() -> None:
                                                   for t in st["short_ttft_s"]))
     for profile in row.get("prefill_profiles", []):  # first minus second, per replica
         print(f"--- prefill replica {profile['pid']}: prompts {profile['prompt_tokens']}, "
-              f"profiled ms " + " / ".join(f"{t:.1f}" for t in profile["profiled_ms"]))
+              f"profiled ms " + " / ".join(f"{t:.1f}" for t in profile["profiled_ms"])
+              + "; garbage collections [generation, ms] " + " / ".join(
+                  str([[g, round(ms, 1)] for g, ms in p]) for p in profile["gc_pauses"]))
         print("\n".join(diff_lines(profile["diff"])))
 
 if __name__ == "__main__":

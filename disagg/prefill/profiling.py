@@ -6,8 +6,9 @@ operator's value through ``deployments.serve_env.gpu_env``) makes the replica pr
 first ``count`` (2) served prefills of at least ``min_tokens`` tokens (default 0: any prompt
 the router sends it; warm-ups excluded) with torch.profiler, on the worker thread that runs
 them. Each writes ``DIR/prefill_<pid>_<n>.json``: the prompt length, the milliseconds under
-the profiler and, per event, its self CPU and self device microseconds and its call count; a
-file that cannot be written is logged, and the request goes on. ``profile_diff`` ranks the
+the profiler, Python's garbage collections meanwhile (``GCPauses``) and, per event, its self
+CPU and self device microseconds and its call count; a file that cannot be written is logged,
+and the request goes on. ``profile_diff`` ranks the
 events by how much more the first of two spent (``benchmarks/served_decode.py
 --profile-prefills DIR`` prints it per replica; ``benchmarks/first_prefill.py --profile`` does
 the same in one process). The profiler slows what it watches: profile in a run of its own.
@@ -15,6 +16,7 @@ the same in one process). The profiler slows what it watches: profile in a run o
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -22,6 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -62,7 +65,7 @@ class FirstPrefillProfiler:
         if self.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         t0 = time.perf_counter()
-        with profile(activities=activities) as prof:
+        with GCPauses() as gc_pauses, profile(activities=activities) as prof:
             yield
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -73,10 +76,36 @@ class FirstPrefillProfiler:
             path.write_text(json.dumps({
                 "pid": os.getpid(), "index": len(self.written),
                 "request_id": request.request_id, "prompt_tokens": request.num_prompt_tokens,
-                "profiled_ms": elapsed_ms, "events": event_times(prof)}))
+                "profiled_ms": elapsed_ms, "gc_pauses": gc_pauses.pauses,
+                "events": event_times(prof)}))
         except OSError as e:
             logger.warning("prefill profile %s not written: %s", path, e)
         self.written.append(path)  # counted even if unwritten: profile only the first ones
+
+
+class GCPauses:
+    """Python's cyclic garbage collections while inside, any thread's: ``pauses`` holds one
+    ``[generation, milliseconds]`` each. A collection stops every thread that needs the GIL;
+    the oldest generation's walks every tracked object of the process."""
+
+    def __init__(self):
+        self.pauses: list[list[float]] = []
+        self._started: float | None = None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.pauses.append([info["generation"],
+                                (time.perf_counter() - self._started) * 1e3])
+            self._started = None
+
+    def __enter__(self) -> Self:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 def event_times(prof) -> EventTimes:
@@ -112,6 +141,7 @@ def replica_diffs(out_dir: str | os.PathLike, top: int = 25) -> list[dict]:
         first, second = sorted(records, key=lambda r: r["index"])[:2]
         out.append({"pid": pid, "prompt_tokens": [first["prompt_tokens"], second["prompt_tokens"]],
                     "profiled_ms": [first["profiled_ms"], second["profiled_ms"]],
+                    "gc_pauses": [first.get("gc_pauses", []), second.get("gc_pauses", [])],
                     "diff": profile_diff(first["events"], second["events"], top)})
     return out
 

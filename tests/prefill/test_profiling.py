@@ -18,6 +18,7 @@ from disagg.prefill.engine import PrefillEngine
 from disagg.prefill.profiling import (
     PROFILE_PREFILLS_ENV,
     FirstPrefillProfiler,
+    GCPauses,
     profile_diff,
     replica_diffs,
 )
@@ -65,10 +66,12 @@ def test_served_prefills_profile_the_first_long_ones_only(tmp_path):
     assert [r["prompt_tokens"] for r in records] == [40, 33]
     assert [r["request_id"] for r in records] == ["r1", "r2"]
     for record in records:  # the prefill's own ops were seen on the worker thread
+        assert isinstance(record["gc_pauses"], list)
         assert any("linear" in key or "mm" in key for key in record["events"])
         assert record["profiled_ms"] > 0
     (replica,) = replica_diffs(tmp_path, top=3)  # what served_decode --profile-prefills prints
     assert replica["prompt_tokens"] == [40, 33]
+    assert replica["gc_pauses"] == [records[0]["gc_pauses"], records[1]["gc_pauses"]]
     assert replica["diff"] == profile_diff(records[0]["events"], records[1]["events"], 3)
 
 
@@ -83,6 +86,18 @@ def test_a_profile_that_cannot_be_written_leaves_the_prefill_as_it_was(tmp_path,
         result = engine.prefill(request)
     assert result.first_token == engine.prefill(request).first_token
     assert "not written" in caplog.text and len(profiler.written) == 1
+
+
+def test_gc_pauses_records_each_collection_inside_only():
+    import gc
+
+    with GCPauses() as pauses:
+        gc.collect(1)
+        gc.collect(2)
+    gc.collect(0)  # outside: not recorded
+    assert [p[0] for p in pauses.pauses] == [1, 2]
+    assert all(ms >= 0 for _, ms in pauses.pauses)
+    assert pauses._callback not in gc.callbacks
 
 
 def test_profiler_is_off_unless_its_variable_names_a_directory(monkeypatch, tmp_path):
