@@ -5,7 +5,8 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
 1. Engine alone, before Ray starts: the decode step at batch 1 and the TPOT context
    (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
 2. ``--starts`` times (default 3), the Serve app started afresh (new replica processes; Ray,
-   the controller and the proxy stay): right after it is ready (and the client's connection
+   the controller and the proxy stay; each start once the GPU's memory is free of the last
+   app's replicas, ``wait_for_device_memory``): right after it is ready (and the client's connection
    opened on the proxy's ``/-/healthz``), prompts of about ``--long`` tokens one at a time (a
    token shorter each: as with users' prompts no length repeats, so none finds a cuDNN plan
    built for its length by the one before), each after the idle seconds ``--long-idle`` names
@@ -60,6 +61,20 @@ from deployments.serve_env import (
     set_process_env,
 )
 from disagg.prefill.profiling import PROFILE_PREFILLS_ENV, diff_lines, replica_diffs
+
+
+def wait_for_device_memory(free_bytes: int, *, slack_bytes: int = 2 << 30,
+                           timeout_s: float = 120.0, mem_get_info=None,
+                           sleep=time.sleep) -> float:
+    """Wait until the GPU has ``free_bytes - slack_bytes`` free again: a deleted app's replica
+    processes still hold their memory for a while, and a replica started meanwhile fails its
+    start with CUDA out of memory (Serve restarts it: seconds added to ready). The seconds
+    waited; past ``timeout_s`` it returns anyway."""
+    mem_get_info = mem_get_info or torch.cuda.mem_get_info
+    t0 = time.perf_counter()
+    while mem_get_info()[0] < free_bytes - slack_bytes and time.perf_counter() - t0 < timeout_s:
+        sleep(0.25)
+    return time.perf_counter() - t0
 
 
 def stream(client: httpx.Client, url: str, model: str, ids: list[int], max_tokens: int,
@@ -179,6 +194,8 @@ def main() -> None:
     url, vocab = f"http://127.0.0.1:{args.port}", source.model_config().vocab_size
     g = torch.Generator().manual_seed(2)
     starts, tpot = [], []
+    idle_free, _ = torch.cuda.mem_get_info()  # before any app: what each start waits back for
+    waited_s = 0.0
     with httpx.Client() as client:
         for start in range(args.starts):
             loading = loadings[start % len(loadings)] if loadings else None
@@ -199,7 +216,7 @@ def main() -> None:
             starts.append(measure_start(client, url, config.model_name, vocab, g, args.long,
                                         long_idle, short))
             starts[-1].update(module_loading=loading, cudnn_avoid_recompile=avoid,
-                              ready_s=ready_s,
+                              ready_s=ready_s, waited_for_device_s=waited_s,
                               device_used_gib=(total - free) / 2**30)
             print(f"start {start + 1} ({loading or 'default'} loading, avoid_recompile "
                   f"{avoid or 'default'}, ready {ready_s:.1f} s, "
@@ -214,6 +231,7 @@ def main() -> None:
                     _, times = stream(client, url, config.model_name, ids, args.max_tokens)
                     tpot.append((times[-1] - times[0]) / (len(times) - 1))
             serve.delete("disagg")
+            waited_s = wait_for_device_memory(idle_free)  # the next start finds the GPU free
     serve.shutdown()
     ray.shutdown()
     first = [s["long_ttft_s"][0] for s in starts]
