@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from ray import serve
 
 from deployments.admission import cost_model_for, triangle_fraction
@@ -33,9 +34,11 @@ from deployments.metrics import Metrics
 from deployments.runtime import load_replica_model, replica_device, trianglemix_config
 from deployments.sp_group import SPGroupEngine
 from disagg.disaggregated import FirstToken, PrefillEvent
+from disagg.errors import ReplicaMemoryError
+from disagg.kv.paged_cache import free_memory_note
 from disagg.prefill.engine import PrefillConfig, PrefillEngine
 from disagg.prefill.profiling import FirstPrefillProfiler
-from disagg.prefill.warmup import warm_up_prefill
+from disagg.prefill.warmup import WarmupReport, warm_up_prefill
 from disagg.prefill.worker import run_prefill
 from disagg.request import EngineRequest
 from disagg.routing import ReplicaQueue, RoutePlan
@@ -79,12 +82,27 @@ class PrefillServer:
             logger.info("PrefillServer: SP group of %d ranks ready", settings.sp)
         else:
             # On the thread that serves prefills: cuDNN keeps its plans per thread.
-            report = self._executor.submit(warm_up_prefill, self.engine).result()
+            report = self._warm_up(config)
             logger.info("PrefillServer warm-up: prompts of %s tokens in %.1f s",
                         report.prompt_lengths, report.seconds)
             for timing in report.dense_kernels:
                 logger.info("PrefillServer dense attention at %d tokens: %s", timing.tokens,
                             timing.as_row())
+
+    def _warm_up(self, config: AppConfig) -> WarmupReport:
+        """``warm_up_prefill`` on the worker thread; out of memory, an error naming the fix."""
+        try:
+            return self._executor.submit(warm_up_prefill, self.engine).result()
+        except torch.OutOfMemoryError as e:
+            device = self.engine.device
+            raise ReplicaMemoryError(
+                f"PrefillServer warm-up ran out of memory on {device}"
+                f"{free_memory_note(device)}: its prefills and attention timings reach the "
+                f"longest prompt ({self.engine.model.config.max_context_tokens - 1} tokens) "
+                "and need activations beyond the weights. On a GPU shared with decode, lower "
+                f"decode.kv_cache_gib (now {config.decode.kv_cache_gib:g}); another process "
+                "on the GPU (a replica still exiting) holds memory too. torch: "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
     async def prefill(self, request: EngineRequest, offers: bytes,
                       cuda_ipc: CudaIpcExport | None = None, plan: RoutePlan | None = None

@@ -39,6 +39,10 @@ class KVPoolMemoryError(DisaggError, MemoryError):
     """The decode KV pool asked for does not fit the device's free memory."""
 
 
+class ReplicaMemoryError(DisaggError, MemoryError):
+    """A replica's start (its warm-up) does not fit the device's free memory."""
+
+
 class KVMismatchError(DisaggError):
     """Received KV was produced for another model, dtype, layout or prompt."""
 

@@ -39,7 +39,7 @@ class PagedKVCache:
                 raise
             raise KVPoolMemoryError(
                 f"a KV pool of {num_blocks} blocks ({self.num_bytes / 2**30:.2f} GiB) does not "
-                f"fit on {self.device}{_free_memory(self.device)}: ask for a smaller pool") from e
+                f"fit on {self.device}{free_memory_note(self.device)}: ask for a smaller pool") from e
         self.k = list(storage[0].unbind(0))
         self.v = list(storage[1].unbind(0))
 
@@ -93,7 +93,7 @@ class PagedKVCache:
                 f"holds {expected[0]} layers of rows {expected[1]} in {expected[2]}")
 
 
-def _free_memory(device: torch.device) -> str:
+def free_memory_note(device: torch.device) -> str:
     """", where X of Y GiB are free" on CUDA (every process's use counted), else ""."""
     if device.type != "cuda":
         return ""
