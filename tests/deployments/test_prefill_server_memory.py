@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import deployments.prefill_server as prefill_server
+from deployments import prefill_server
 from deployments.config import AppConfig
 from deployments.prefill_server import PrefillServer
 from disagg.errors import ReplicaMemoryError
