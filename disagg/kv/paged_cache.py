@@ -39,7 +39,8 @@ class PagedKVCache:
                 raise
             raise KVPoolMemoryError(
                 f"a KV pool of {num_blocks} blocks ({self.num_bytes / 2**30:.2f} GiB) does not "
-                f"fit on {self.device}{free_memory_note(self.device)}: ask for a smaller pool") from e
+                f"fit on {self.device}{free_memory_note(self.device)}: ask for a smaller "
+                "pool") from e
         self.k = list(storage[0].unbind(0))
         self.v = list(storage[1].unbind(0))
 
