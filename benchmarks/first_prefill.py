@@ -33,7 +33,7 @@ from deployments.serve_env import CUDA_MODULE_LOADING_ENV
 from disagg.attention.triangle import published_trianglemix
 from disagg.models.loader import ModelSource, load_model
 from disagg.prefill.engine import PrefillEngine
-from disagg.prefill.profiling import diff_lines, event_times, profile_diff
+from disagg.prefill.profiling import diff_lines, event_times, profile_diff, torch_profiler
 from disagg.prefill.warmup import warm_up_prefill
 from disagg.request import EngineRequest
 from disagg.sampling import SamplingParams
@@ -76,12 +76,7 @@ def run_one(engine: PrefillEngine, pool: PoolStandIn, request: EngineRequest) ->
 
 
 def profiled(engine: PrefillEngine, pool: PoolStandIn, request: EngineRequest):
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if engine.device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    with torch_profiler(engine.device) as prof:
         row = run_one(engine, pool, request)
     return row, event_times(prof)
 

@@ -6,12 +6,12 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
    (``benchmarks.decode_itl.EngineBench``, CUDA graphs).
 2. ``--starts`` times (default 3), the Serve app started afresh (new replica processes; Ray,
    the controller and the proxy stay; each start once the GPU's memory is free of the last
-   app's replicas, ``wait_for_device_memory``): right after it is ready (and the client's connection
-   opened on the proxy's ``/-/healthz``), prompts of about ``--long`` tokens one at a time (a
-   token shorter each: as with users' prompts no length repeats, so none finds a cuDNN plan
-   built for its length by the one before), each after the idle seconds ``--long-idle`` names
-   for it (default 30,30,0: the first and the second after the same 30 s of idle, so the
-   first is compared with a request that waited as long, then one back to back: a request
+   app's replicas, ``wait_for_device_memory``): right after it is ready (and the client's
+   connection opened on the proxy's ``/-/healthz``), prompts of about ``--long`` tokens one at
+   a time (a token shorter each: as with users' prompts no length repeats, so none finds a
+   cuDNN plan built for its length by the one before), each after the idle seconds
+   ``--long-idle`` names for it (default 30,30,0: the first and the second after the same 30 s
+   of idle, so the first is compared with a request that waited as long, then one back to back: a request
    after idle pays the served path's idle cost whether it is first or not; the bare host
    path pays none, ``benchmarks.host_idle``).
    TTFT and the server's breakdown of each, with token 0's hops from the breakdown's

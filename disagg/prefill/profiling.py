@@ -59,13 +59,8 @@ class FirstPrefillProfiler:
         if len(self.written) >= self.count or request.num_prompt_tokens < self.min_tokens:
             yield
             return
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(ProfilerActivity.CUDA)
         t0 = time.perf_counter()
-        with GCPauses() as gc_pauses, profile(activities=activities) as prof:
+        with GCPauses() as gc_pauses, torch_profiler(self.device) as prof:
             yield
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -81,6 +76,16 @@ class FirstPrefillProfiler:
         except OSError as e:
             logger.warning("prefill profile %s not written: %s", path, e)
         self.written.append(path)  # counted even if unwritten: profile only the first ones
+
+
+def torch_profiler(device: torch.device):
+    """A torch.profiler of CPU ops, and of kernels too where ``device`` is CUDA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    return profile(activities=activities)
 
 
 class GCPauses:
@@ -141,7 +146,7 @@ def replica_diffs(out_dir: str | os.PathLike, top: int = 25) -> list[dict]:
         first, second = sorted(records, key=lambda r: r["index"])[:2]
         out.append({"pid": pid, "prompt_tokens": [first["prompt_tokens"], second["prompt_tokens"]],
                     "profiled_ms": [first["profiled_ms"], second["profiled_ms"]],
-                    "gc_pauses": [first.get("gc_pauses", []), second.get("gc_pauses", [])],
+                    "gc_pauses": [first["gc_pauses"], second["gc_pauses"]],
                     "diff": profile_diff(first["events"], second["events"], top)})
     return out
 
