@@ -11,9 +11,9 @@ One process, one GPU, ``deployments/prefill_decode_1gpu.yaml`` (random Llama-3.1
    a time (a token shorter each: as with users' prompts no length repeats, so none finds a
    cuDNN plan built for its length by the one before), each after the idle seconds
    ``--long-idle`` names for it (default 30,30,0: the first and the second after the same 30 s
-   of idle, so the first is compared with a request that waited as long, then one back to back: a request
-   after idle pays the served path's idle cost whether it is first or not; the bare host
-   path pays none, ``benchmarks.host_idle``).
+   of idle, so the first is compared with a request that waited as long, then one back to
+   back: a request after idle pays the served path's idle cost whether it is first or not;
+   the bare host path pays none, ``benchmarks.host_idle``).
    TTFT and the server's breakdown of each, with token 0's hops from the breakdown's
    wall-clock marks and the client's own: the first must pay no compilation and no first use.
    Then one prompt of each ``--short`` length, one at a time (lengths no earlier prompt of
